@@ -1,0 +1,325 @@
+"""Scorers: lenient normalisation, answer extraction, caption metrics against pycocoevalcap, id alignment."""
+
+import shutil
+
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+from mcit.errors import EvalError
+from mcit.evaluation.scorers import (
+    Normalizer,
+    align_by_id,
+    box_iou,
+    extract_letter,
+    extract_yesno,
+    find_numbers,
+    get_scorer,
+    parse_box,
+    scorer_names,
+    tokenize_caption,
+)
+
+CHOICES = {"choices": ["square", "circle", "star", "heart"]}
+
+
+# --- normaliser: the cases users complained about ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [
+        ("3.", "3"),
+        ("Circle.", "circle"),
+        ("three", "3"),
+        ("Twenty-one", "21"),
+        ("a circle", "circle"),
+        ("The Circle", "circle"),
+        ("  red   square ", "red square"),
+        ("3.0", "3"),
+        ("1,000", "1000"),
+        ("three hundred and five", "305"),
+        ("dog's", "dogs"),
+    ],
+)
+def test_lenient_exact_match_accepts_formatting_variants(prediction, reference):
+    result = get_scorer("exact_match")([prediction], [reference])
+    assert result.per_sample == [1.0]
+    assert result.score == 100.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [("3.5", "35"), ("-3", "3"), ("one two", "12"), ("circle", "circles"), ("category", "cat"), ("3 4", "34")],
+)
+def test_lenient_exact_match_keeps_real_differences(prediction, reference):
+    assert get_scorer("exact_match")([prediction], [reference]).per_sample == [0.0]
+
+
+def test_number_words_stay_separate_when_they_do_not_form_one_number():
+    assert Normalizer()("one two three") == "1 2 3"
+    assert Normalizer()("one and two") == "1 and 2"
+    assert Normalizer()("someone") == "someone"
+
+
+def test_normaliser_options_switch_each_leniency_off():
+    assert get_scorer("exact_match", normalizer="strict")(["3."], ["3"]).per_sample == [0.0]
+    assert get_scorer("exact_match", lowercase=False)(["Circle"], ["circle"]).per_sample == [0.0]
+    assert get_scorer("exact_match", number_words=False)(["three"], ["3"]).per_sample == [0.0]
+    assert get_scorer("exact_match", normalizer={"drop_articles": False})(["a circle"], ["circle"]).per_sample == [0.0]
+    strict = Normalizer.strict()
+    assert strict("  Circle.  ") == "Circle."
+
+
+def test_unknown_scorer_and_options_name_the_valid_ones():
+    with pytest.raises(EvalError, match="valid scorers: caption, caption_mean, contains"):
+        get_scorer("bleu")
+    with pytest.raises(EvalError, match=r"unknown option\(s\) \['threshhold'\].*threshold"):
+        get_scorer("iou", threshhold=0.7)
+    with pytest.raises(EvalError, match="drop_article"):
+        get_scorer("exact_match", normalizer={"drop_article": False})
+    assert set(scorer_names()) >= {"exact_match", "mc_letter", "numeric", "yesno", "contains", "caption", "iou"}
+
+
+def test_length_mismatch_and_non_string_predictions_are_errors():
+    scorer = get_scorer("exact_match")
+    with pytest.raises(EvalError, match="2 predictions but 1 references"):
+        scorer(["a", "b"], ["a"])
+    with pytest.raises(EvalError, match="1 metas for 2 predictions"):
+        scorer(["a", "b"], ["a", "b"], [{}])
+    with pytest.raises(EvalError, match="prediction at index 1 is NoneType"):
+        scorer(["a", None], ["a", "b"])
+    with pytest.raises(EvalError, match="no predictions"):
+        scorer([], [])
+
+
+def test_score_is_percentage_of_per_sample_mean():
+    result = get_scorer("exact_match")(["red", "blue", "green", "red"], ["red", "red", "green", "blue"])
+    assert result.per_sample == [1.0, 0.0, 1.0, 0.0]
+    assert result.score == 50.0
+    assert result.details["n"] == 4
+
+
+# --- multiple choice --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("B", "B"),
+        ("b", "B"),
+        ("(B)", "B"),
+        ("[C].", "C"),
+        ("B. circle", "B"),
+        ("(B) circle", "B"),
+        ("D) heart", "D"),
+        ("The answer is B", "B"),
+        ("The answer is B because it is round.", "B"),
+        ("Answer: (c)", "C"),
+        ("the correct option is d.", "D"),
+        ("the answer is a circle", None),  # the article is not option A
+        ("A circle", None),
+        ("E", None),  # only A-D without choices
+        ("circle", None),
+        ("", None),
+    ],
+)
+def test_extract_letter_without_choices(text, letter):
+    assert extract_letter(text) == letter
+
+
+def test_extract_letter_accepts_option_text_only_with_choices():
+    assert extract_letter("circle", CHOICES) == "B"
+    assert extract_letter("A Circle.", CHOICES) == "B"
+    assert extract_letter("circle", CHOICES, use_choice_text=False) is None
+    assert extract_letter("triangle", CHOICES) is None
+    five = {"choices": ["a", "b", "c", "d", "e"]}
+    assert extract_letter("E", five) == "E"
+    assert extract_letter("C", {"choices": ["x", "y"]}) is None
+
+
+def test_mc_letter_scorer_reads_letters_and_option_texts():
+    preds = ["B", "The answer is (A)", "circle", "heart", "I am not sure"]
+    refs = ["B", "A", "B", "B", "C"]
+    result = get_scorer("mc_letter")(preds, refs, [CHOICES] * 5)
+    assert result.per_sample == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert result.details["unparsed"] == 1
+    assert get_scorer("mc_letter", accept_choice_text=False)(["circle"], ["B"], [CHOICES]).per_sample == [0.0]
+
+
+def test_mc_letter_reference_may_be_option_text_but_must_be_valid():
+    assert get_scorer("mc_letter")(["B"], ["circle"], [CHOICES]).per_sample == [1.0]
+    with pytest.raises(EvalError, match="reference at index 1"):
+        get_scorer("mc_letter")(["A", "A"], ["A", "triangle"], [CHOICES, CHOICES])
+
+
+# --- numeric, yes/no, contains ----------------------------------------------------------------------------------
+
+
+def test_find_numbers_reads_digits_words_and_fractions():
+    assert find_numbers("There are three circles, 2.5 squares and 3/4 of a star; -2 left") == [3, 2.5, 0.75, -2]
+    assert find_numbers("1,250 cars") == [1250]
+    assert find_numbers("no numbers here, x2 3rd") == []
+
+
+def test_numeric_scorer_tolerance_and_pick():
+    scorer = get_scorer("numeric")
+    result = scorer(
+        ["3.", "three", "2.9999999", "The answer is 4", "none", "1/3"], ["3", "3", "3", "4", "1", "0.33333"]
+    )
+    assert result.per_sample == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+    assert result.details["unparsed"] == 1
+    assert get_scorer("numeric", abs_tol=0.0, rel_tol=0.0)(["2.9999999"], ["3"]).per_sample == [0.0]
+    assert get_scorer("numeric", pick="first")(["3 circles and 2 squares"], ["3"]).per_sample == [1.0]
+    assert get_scorer("numeric")(["3 circles and 2 squares"], ["3"]).per_sample == [0.0]
+    assert get_scorer("numeric", pick="only")(["3 or 4"], ["3"]).per_sample == [0.0]
+    with pytest.raises(EvalError, match="pick must be"):
+        get_scorer("numeric", pick="middle")
+    with pytest.raises(EvalError, match="reference at index 0"):
+        scorer(["3"], ["three or four"])
+
+
+def test_yesno_reads_first_word_or_unique_occurrence():
+    assert extract_yesno("Yes.") == "yes"
+    assert extract_yesno("No, there is none") == "no"
+    assert extract_yesno("I think yes") == "yes"
+    assert extract_yesno("yes and no") == "yes"  # the first word decides
+    assert extract_yesno("maybe yes, maybe no") is None
+    assert extract_yesno("a red circle") is None
+    result = get_scorer("yesno")(["Yes.", "no", "maybe"], ["yes", "yes", "no"])
+    assert result.per_sample == [1.0, 0.0, 0.0]
+    with pytest.raises(EvalError, match="reference at index 0"):
+        get_scorer("yesno")(["yes"], ["perhaps"])
+
+
+def test_contains_uses_word_boundaries_case_insensitively():
+    scorer = get_scorer("contains")
+    preds = ["The image shows a Cat on a mat.", "a category of animals", "It is a fire  hydrant", "cat"]
+    refs = ["cat", "cat", "Fire hydrant", "c++"]
+    assert scorer(preds, refs).per_sample == [1.0, 0.0, 1.0, 0.0]
+    assert scorer(["use c++ here"], ["c++"]).per_sample == [1.0]
+    with pytest.raises(EvalError, match="reference at index 0 is empty"):
+        scorer(["x"], ["  "])
+
+
+# --- iou --------------------------------------------------------------------------------------------------------
+
+
+def test_parse_box_forms():
+    assert parse_box("[0.1, 0.2, 0.5, 0.6]") == (0.1, 0.2, 0.5, 0.6)
+    assert parse_box("The object is at [10, 20, 110, 220].") == (10, 20, 110, 220)
+    assert parse_box("(1,2,3,4) and [5, 6]") == (1, 2, 3, 4)
+    assert parse_box("1 2 3 4") == (1, 2, 3, 4)
+    assert parse_box("[1, 2, 3]") is None
+    assert parse_box("[0.5, 0.5, 0.1, 0.9]") is None  # x2 < x1
+    assert parse_box("a red circle") is None
+
+
+def test_box_iou_edge_cases():
+    assert box_iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
+    assert box_iou((0, 0, 1, 1), (1, 0, 2, 1)) == 0.0  # touching edges
+    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+    assert box_iou((0, 0, 4, 4), (1, 1, 3, 3)) == 0.25  # contained
+    assert box_iou((0, 0, 0, 1), (0, 0, 0, 1)) == 0.0  # no area at all
+
+
+def test_iou_scorer_threshold_is_inclusive_and_unparsable_scores_zero():
+    ref = "[0, 0, 2, 1]"
+    preds = ["[0, 0, 1, 1]", "[0, 0, 0.9, 1]", "no box", "[0,0,2,1]"]  # IoU 0.5, 0.45, -, 1
+    result = get_scorer("iou")(preds, [ref] * 4)
+    assert result.per_sample == [1.0, 0.0, 0.0, 1.0]
+    assert result.details["unparsed"] == 1
+    assert result.details["mean_iou"] == pytest.approx(100 * (0.5 + 0.45 + 0 + 1) / 4)
+    assert get_scorer("iou", threshold=0.75)(preds, [ref] * 4).per_sample == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(EvalError, match="reference at index 0"):
+        get_scorer("iou")(["[0,0,1,1]"], ["left"])
+
+
+# --- caption ----------------------------------------------------------------------------------------------------
+
+CAPTION_PREDS = ["A red circle, on the left.", "Two blue squares!", "a dog running on grass", "a small green star"]
+CAPTION_REFS = ["a red circle on the left", "two blue squares", "a cat sitting on grass", "a big yellow star"]
+
+
+def _coco(preds, refs_per_sample):
+    res = {str(i): [tokenize_caption(p)] for i, p in enumerate(preds)}
+    gts = {str(i): [tokenize_caption(r) for r in refs] for i, refs in enumerate(refs_per_sample)}
+    return gts, res
+
+
+def test_tokenize_caption_lowercases_and_strips_punctuation():
+    assert tokenize_caption("A red circle, on the LEFT.") == "a red circle on the left"
+    assert tokenize_caption("It's 3.5 m") == "its 3.5 m"
+
+
+def test_caption_scores_equal_pycocoevalcap_on_the_same_tokens():
+    gts, res = _coco(CAPTION_PREDS, [[r] for r in CAPTION_REFS])
+    cider, per_image = Cider().compute_score(gts, res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+
+    result = get_scorer("caption")(CAPTION_PREDS, CAPTION_REFS)
+    assert result.score == pytest.approx(100 * cider)
+    assert result.details["CIDEr"] == pytest.approx(100 * cider)
+    for n in range(4):
+        assert result.details[f"Bleu_{n + 1}"] == pytest.approx(100 * bleu[n])
+    assert result.details["ROUGE_L"] == pytest.approx(100 * rouge)
+    expected_mean = 100 * (sum(bleu) + rouge + cider) / 6
+    assert result.details["mean"] == pytest.approx(expected_mean)
+    assert "METEOR" not in result.details  # off by default: it spawns java
+    assert result.per_sample == pytest.approx([min(1.0, max(0.0, c)) for c in per_image])
+    assert per_image[0] > 1 and result.per_sample[0] == 1.0  # clipped
+    assert 0 < result.per_sample[3] < 1
+
+    mean_result = get_scorer("caption_mean")(CAPTION_PREDS, CAPTION_REFS)
+    assert mean_result.score == pytest.approx(expected_mean)
+    assert get_scorer("caption", report="mean")(CAPTION_PREDS, CAPTION_REFS).score == pytest.approx(expected_mean)
+
+
+def test_caption_uses_several_references_from_meta():
+    many = [["a red circle on the left", "a circle that is red"], ["two blue squares"], ["a dog on grass"], ["a star"]]
+    metas = [{"references": refs} for refs in many]
+    gts, res = _coco(CAPTION_PREDS, many)
+    cider, _ = Cider().compute_score(gts, res)
+    result = get_scorer("caption")(CAPTION_PREDS, ["ignored"] * 4, metas)
+    assert result.score == pytest.approx(100 * cider)
+    with pytest.raises(EvalError, match="index 1 has no non-empty reference"):
+        get_scorer("caption")(["x", "y"], ["a", "..."])
+
+
+def test_caption_report_option_is_validated():
+    with pytest.raises(EvalError, match="report must be"):
+        get_scorer("caption", report="SPICE")
+    with pytest.raises(EvalError, match="meteor=True"):
+        get_scorer("caption", report="METEOR")(CAPTION_PREDS, CAPTION_REFS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
+def test_caption_meteor_joins_the_mean_when_allowed():
+    result = get_scorer("caption", meteor=True)(CAPTION_PREDS, CAPTION_REFS)
+    assert 0 < result.details["METEOR"] <= 100
+    others = [result.details[k] for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")]
+    assert result.details["mean"] == pytest.approx((sum(others) + result.details["METEOR"]) / 7)
+
+
+# --- id alignment -----------------------------------------------------------------------------------------------
+
+
+def test_align_by_id_orders_by_reference_ids():
+    ids, preds, refs = align_by_id({"b": "pb", "a": "pa"}, {"a": "ra", "b": "rb"})
+    assert (ids, preds, refs) == (["a", "b"], ["pa", "pb"], ["ra", "rb"])
+
+
+def test_align_by_id_lists_missing_and_extra_ids():
+    refs = {f"img{i}": "r" for i in range(15)}
+    preds = {f"img{i}": "p" for i in range(2, 15)} | {"stray": "p"}
+    with pytest.raises(EvalError) as info:
+        align_by_id(preds, refs)
+    message = str(info.value)
+    assert "2 reference id(s) without a prediction: 'img0', 'img1'" in message
+    assert "1 prediction id(s) without a reference: 'stray'" in message
+    many_missing = {"x": "p"}
+    with pytest.raises(EvalError, match=r"15 reference id\(s\).*\.\.\. \(5 more\)"):
+        align_by_id(many_missing, refs)
