@@ -1,0 +1,523 @@
+"""Multi-process training with DeepSpeed ZeRO: process group, config, engine, and ZeRO-3 parameter access.
+
+The training loop calls only this module for anything distributed, so the same loop runs as one plain process, under
+`deepspeed --num_gpus N` on GPUs (NCCL), and under the same launcher on CPU with gloo (see docs/DISTRIBUTED.md).
+
+Why the pieces exist:
+- ZeRO-3 shards every parameter, so a parameter read outside a forward pass sees an empty tensor.
+  `gathered_parameters`, `state_dict_for_saving` and `load_parameters` gather around such reads and writes
+  (adapter saving, loading a previous task's adapter, merging LoRA into base weights).
+- A model built under ZeRO-3 must be created inside `deepspeed.zero.Init`, or every rank first holds the whole
+  model. transformers does that for `from_pretrained` and `Model._from_config(config)` while an `HfDeepSpeedConfig`
+  is alive (`hf_deepspeed_context`); a direct `Model(config)` call does NOT, and is then only sharded later by
+  `deepspeed.initialize`.
+- ZeRO all-gathers each layer's shards when the layer runs, so every rank must run the same modules in the same
+  order. A micro-batch without images skips the vision tower and deadlocks the job; `ensure_vision_forward` appends
+  an inert dummy image so that every rank always runs it.
+- A rank that raises must end the job rather than leave its peers waiting in a collective: `exit_on_error`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcit.errors import CheckpointError, RecipeError
+
+# Variables the deepspeed launcher (and torchrun) set for every process it starts.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+
+# Gathering a whole model at once would need its full size on every rank; gather in pieces of this many elements.
+_GATHER_CHUNK_NUMEL = 1 << 26
+
+ParamFilter = Callable[[str, torch.nn.Parameter], bool]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Process group
+
+
+def _launched() -> bool:
+    return all(key in os.environ for key in _LAUNCHER_ENV)
+
+
+def is_distributed() -> bool:
+    """True once a process group with more than one rank is up."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size() > 1
+
+
+def rank() -> int:
+    """Global rank: from the process group once it is up, else from the launcher's RANK, else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    """Rank within this node (selects the GPU); the launcher's LOCAL_RANK, else 0."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    """Number of ranks: from the process group once it is up, else from the launcher's WORLD_SIZE, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    """Rank 0: the only rank that writes files, logs and results."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for all ranks; a no-op in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _timeout() -> timedelta:
+    # One knob for how long a rank waits in a collective before giving up: DeepSpeed's DEEPSPEED_TIMEOUT (minutes),
+    # overridable in seconds by MCIT_DIST_TIMEOUT_S (tests use a short one).
+    if "MCIT_DIST_TIMEOUT_S" in os.environ:
+        return timedelta(seconds=float(os.environ["MCIT_DIST_TIMEOUT_S"]))
+    return timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", 10)))
+
+
+def init_distributed() -> bool:
+    """Join the process group the launcher described; return whether this process is part of one.
+
+    A plain `python -m mcit.train` (no RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK) is a no-op and returns
+    False. Under `deepspeed` or `torchrun` the group uses NCCL on CUDA and gloo on CPU (set DS_ACCELERATOR=cpu to
+    force CPU). Waiting in a collective gives up after DEEPSPEED_TIMEOUT minutes (default 10) or MCIT_DIST_TIMEOUT_S
+    seconds. Calling it twice is harmless.
+    """
+    if not _launched():
+        return False
+    if torch.distributed.is_initialized():
+        return True
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed's accelerator (DS_ACCELERATOR, else detected) decides, so that a CPU run on a GPU host stays on CPU.
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        _prepare_cpu_ranks()
+        backend = "gloo"  # DeepSpeed would pick oneCCL when its bindings are installed; gloo needs nothing
+    else:
+        accelerator.set_device(local_rank())
+        backend = accelerator.communication_backend_name()  # nccl on CUDA
+    deepspeed.init_distributed(dist_backend=backend, timeout=_timeout(), verbose=False)
+    return True
+
+
+def _prepare_cpu_ranks() -> None:
+    import deepspeed.ops
+
+    # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce at process-group creation (~40 s with gcc on first
+    # use, cached under ~/.cache/torch_extensions). Only tensor-parallel inference uses it, never ZeRO training, so
+    # skip it unless asked for. Editing this dict is how DeepSpeed itself caches the probe.
+    if os.environ.get("MCIT_DS_SHM_COMM", "0") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Every rank would otherwise start one thread per core and the ranks would fight over the same cores.
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """End this process at once, with exit status 1, when the body raises; wrap the whole entrypoint in it.
+
+    A rank that raises while its peers wait in a collective would otherwise leave them hanging until the process
+    group timeout. The deepspeed launcher (and torchrun) kill every rank as soon as one exits non-zero, so exiting
+    promptly is enough; `os._exit` skips interpreter teardown, which can itself block on the process group.
+    Outside a launched job the exception propagates unchanged.
+    """
+    try:
+        yield
+    except SystemExit as stop:
+        if not _launched() or stop.code in (None, 0):
+            raise
+        _die(f"exited with {stop.code!r}", stop.code if isinstance(stop.code, int) else 1)
+    except BaseException:  # any failure on one rank, KeyboardInterrupt included, must end the whole job
+        if not _launched():
+            raise
+        _die(traceback.format_exc(), 1)
+
+
+def _die(message: str, code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.write(f"[mcit rank {rank()}/{world_size()}] fatal error, ending the job:\n{message}\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def _node(config: dict, dotted: str) -> tuple[dict | None, str]:
+    *parents, leaf = dotted.split(".")
+    node: Any = config
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return None, leaf
+    return (node if isinstance(node, dict) else None), leaf
+
+
+def build_ds_config(
+    template: str | Path | dict | None,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    bf16: bool,
+    zero_stage: int | None,
+    hidden_size: int | None = None,
+) -> dict:
+    """Return a DeepSpeed config with every `"auto"` of `template` replaced by the recipe's value.
+
+    `template` is a JSON file (launch/zero2.json, ...), a dict, or None for a minimal config. `zero_stage` (when not
+    None) overrides the template's stage. A value in the template that is not "auto" and disagrees with the recipe is
+    an error, so a run never trains with numbers other than those its recipe.yaml records. The train batch is
+    `micro_batch * grad_accum * world_size()` (world size from the launcher's environment). The bucket sizes that
+    depend on the model width are filled from `hidden_size`, or left to DeepSpeed's defaults when it is None.
+    mcit supplies the optimizer (torch AdamW) and the schedule, so a template may not carry a "scheduler"; an
+    "optimizer" section is allowed and then DeepSpeed builds that optimizer with lr/weight_decay filled in.
+    """
+    where = str(template) if isinstance(template, (str, Path)) else "the DeepSpeed config"
+    if template is None:
+        config: dict = {"zero_optimization": {"stage": 0 if zero_stage is None else zero_stage}}
+    elif isinstance(template, dict):
+        config = copy.deepcopy(template)
+    else:
+        path = Path(template)
+        if not path.is_file():
+            raise RecipeError(f"DeepSpeed config {path} does not exist (set train.deepspeed to a launch/*.json file)")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    if "scheduler" in config:
+        raise RecipeError(f"{where}: remove the 'scheduler' section; mcit sets the cosine schedule from the recipe")
+    if zero_stage is not None:
+        config.setdefault("zero_optimization", {})["stage"] = zero_stage
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+
+    values = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size(),
+        "gradient_clipping": grad_clip,
+        "bf16.enabled": bf16,
+        "optimizer.params.lr": lr,
+        "optimizer.params.weight_decay": weight_decay,
+    }
+    # The batch keys must always be present: DeepSpeed needs them and they must match the recipe.
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        config.setdefault(key, "auto")
+    if bf16:
+        config.setdefault("bf16", {"enabled": "auto"})
+    mismatches = []
+    for key, value in values.items():
+        node, leaf = _node(config, key)
+        if node is None or leaf not in node:
+            continue
+        if node[leaf] == "auto":
+            node[leaf] = value
+        elif node[leaf] != value:
+            mismatches.append(f"{key}={node[leaf]!r} but the recipe gives {value!r}")
+    if mismatches:
+        raise RecipeError(f"{where} disagrees with the recipe: " + "; ".join(mismatches) + " (set these to \"auto\")")
+    if config.get("fp16", {}).get("enabled") is True and bf16:
+        raise RecipeError(f"{where}: fp16.enabled and the recipe's bf16 are both on; keep one")
+
+    width = {
+        "zero_optimization.reduce_bucket_size": lambda h: h * h,
+        "zero_optimization.stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+        "zero_optimization.stage3_param_persistence_threshold": lambda h: 10 * h,
+    }
+    for key, rule in width.items():
+        node, leaf = _node(config, key)
+        if node is not None and node.get(leaf) == "auto":
+            if hidden_size is None or (stage < 3 and "stage3" in leaf):
+                del node[leaf]  # DeepSpeed's default
+            else:
+                node[leaf] = rule(hidden_size)
+    left = [k for k, v in _walk(config) if v == "auto"]
+    if left:
+        raise RecipeError(f"{where}: mcit cannot fill {', '.join(left)}; give numbers instead of \"auto\"")
+    # mcit's optimizer is a plain torch one, which DeepSpeed only accepts with this flag.
+    config.setdefault("zero_allow_untested_optimizer", True)
+    return config
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def zero_stage_of(ds_config: Mapping | None) -> int:
+    """The ZeRO stage a config asks for (0 when there is no config)."""
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def hf_deepspeed_context(ds_config: dict | None) -> Iterator[Any]:
+    """Make transformers aware of the DeepSpeed config for as long as the body runs.
+
+    Enter it BEFORE building the model and keep it open for the whole run. Under ZeRO-3, `from_pretrained` and
+    `Model._from_config(config)` then create every weight inside `deepspeed.zero.Init` (already sharded, initialised
+    on rank 0 and broadcast), and `generate` turns on `synced_gpus` so that ranks finishing early keep joining the
+    others' forward passes. transformers only keeps a weak reference, which is why the object must stay alive here.
+    With no config (or a stage below 3) it is still harmless. Yields the `HfDeepSpeedConfig` or None.
+    """
+    if ds_config is None:
+        yield None
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield hf_config
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Engine
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, num_training_steps: int) -> Any:
+    """Linear warmup then cosine decay to 0, counted in optimizer steps; single-process and DeepSpeed runs share it."""
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(1, num_training_steps))
+
+
+def initialize(
+    model: torch.nn.Module,
+    param_groups: list[dict],
+    ds_config: dict,
+    num_training_steps: int,
+    warmup_steps: int,
+) -> Any:
+    """Wrap `model` in a DeepSpeed engine with torch AdamW over `param_groups` and the cosine schedule.
+
+    `param_groups` are torch optimizer groups (`{"params": [...], "lr": ..., "weight_decay": ...}`); only
+    trainable parameters may appear. `num_training_steps`/`warmup_steps` count optimizer steps (after gradient
+    accumulation). Then, for every micro-batch: `out = engine(**batch)`, `engine.backward(out.loss)`,
+    `engine.step()`; the engine divides the loss by the accumulation count, averages gradients over ranks, clips,
+    steps the optimizer and the schedule at accumulation boundaries. Call `init_distributed()` first.
+
+    torch AdamW rather than DeepSpeedCPUAdam: the latter is JIT-compiled on first use (~100 s here) and torch's runs
+    everywhere. A config with its own "optimizer" section gets DeepSpeed's optimizer instead.
+    """
+    import deepspeed
+
+    for index, group in enumerate(param_groups):
+        frozen = [p for p in group["params"] if not p.requires_grad]
+        if frozen:
+            raise RecipeError(f"param_groups[{index}] holds {len(frozen)} frozen parameters; pass trainable ones only")
+    _match_zero3_dtype(model, ds_config)
+    if "optimizer" in ds_config:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups,
+            config=ds_config,
+            lr_scheduler=lambda opt: cosine_schedule(opt, warmup_steps, num_training_steps),
+        )
+        return engine
+    optimizer = torch.optim.AdamW(param_groups)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds_config,
+        lr_scheduler=lambda opt: cosine_schedule(opt, warmup_steps, num_training_steps),
+    )
+    return engine
+
+
+def release(engine: Any) -> torch.nn.Module:
+    """Tear down an engine between tasks and return its module, ready for the next `initialize`.
+
+    The continual runner builds one engine per task (new parameter groups, new optimizer). `destroy()` removes the
+    engine's ZeRO hooks from the module, which would otherwise stay registered next to the new engine's; the old
+    optimizer state is freed once the caller drops its reference to the engine. Under ZeRO-3 the parameters stay
+    sharded, so the module is only usable through a new engine (or `gathered_parameters`).
+    """
+    module = engine.module
+    engine.destroy()
+    return module
+
+
+def _match_zero3_dtype(model: torch.nn.Module, ds_config: Mapping) -> None:
+    # Under ZeRO-3 with bf16/fp16, zero.Init creates the base weights in half precision and DeepSpeed then skips its
+    # own cast, so parameters added after the model was built (LoRA, a fresh projector) stay fp32 and the ZeRO-3
+    # optimizer refuses the mix (AssertionError in `defragment`). Cast those, and only those, here.
+    if config_true(ds_config, "bf16"):
+        dtype = torch.bfloat16
+    elif config_true(ds_config, "fp16"):
+        dtype = torch.float16
+    else:
+        return
+    params = list(model.parameters())
+    if not any(is_sharded(p) for p in params):
+        return
+    for param in params:
+        if not is_sharded(param) and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def config_true(ds_config: Mapping, section: str) -> bool:
+    """Whether `ds_config[section]["enabled"]` is on (bf16/fp16)."""
+    return bool((ds_config.get(section) or {}).get("enabled", False))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ZeRO-3 parameter access
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """True for a parameter ZeRO-3 has partitioned (its `.data` is then a placeholder)."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The real shape of a parameter, sharded or not."""
+    return param.ds_shape if is_sharded(param) else param.shape
+
+
+@contextlib.contextmanager
+def gathered_parameters(params: torch.Tensor | Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Make the full values of `params` visible inside the body; a no-op for parameters that are not sharded.
+
+    It is a collective under ZeRO-3: every rank must enter it with the same parameters in the same order. With
+    `modifier_rank=None` the values are read-only (changes are lost); with `modifier_rank=r` the values rank `r`
+    holds when the body ends are broadcast and re-sharded, which is how a loaded adapter or a merged weight is
+    written into a sharded model.
+    """
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    sharded = [p for p in params if is_sharded(p)]
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank):
+        yield
+
+
+def _chunks(items: list[tuple[str, torch.nn.Parameter]]) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    chunk: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+    for name, param in items:
+        numel = full_shape(param).numel()
+        if chunk and size + numel > _GATHER_CHUNK_NUMEL:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((name, param))
+        size += numel
+    if chunk:
+        yield chunk
+
+
+def state_dict_for_saving(model: torch.nn.Module, keys_filter: ParamFilter | None = None) -> dict[str, torch.Tensor]:
+    """Full-size CPU copies of the parameters `keys_filter(name, param)` selects (default: the trainable ones).
+
+    Names are those of `model.named_parameters()` (pass the unwrapped module, `engine.module`). Under ZeRO-3 the
+    tensors are gathered, so an adapter saved from them has its real shapes and loads with plain PEFT. Collective:
+    call it on every rank; every rank gets the result, and only `is_main()` should write it.
+    """
+    keep = keys_filter or (lambda _name, param: param.requires_grad)
+    selected = [(name, param) for name, param in model.named_parameters() if keep(name, param)]
+    out: dict[str, torch.Tensor] = {}
+    for chunk in _chunks(selected):
+        with gathered_parameters([p for _, p in chunk]):
+            for name, param in chunk:
+                out[name] = param.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def load_parameters(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy `tensors` (names as in `model.named_parameters()`) into the model, sharded or not.
+
+    Collective under ZeRO-3: call it on every rank with the same names (rank 0's values are the ones kept).
+    Raises CheckpointError naming the first unknown name or mismatched shape before anything is written.
+    """
+    params = dict(model.named_parameters())
+    unknown = [name for name in tensors if name not in params]
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} tensors match no parameter of the model, e.g. {unknown[0]!r}")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(full_shape(params[name])):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(value.shape)} but the model expects {tuple(full_shape(params[name]))}"
+            )
+    items = [(name, params[name]) for name in tensors]
+    for chunk in _chunks(items):
+        with gathered_parameters([p for _, p in chunk], modifier_rank=0), torch.no_grad():
+            for name, param in chunk:
+                param.data.copy_(tensors[name].to(param.device, param.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Guard: every rank runs the vision tower on every micro-batch
+
+
+def ensure_vision_forward(
+    batch: dict[str, torch.Tensor],
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    image_shape: tuple[int, int, int],
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Return `batch` unchanged if it has images, else a copy that carries one inert all-zero image.
+
+    Under ZeRO-3 a micro-batch without `pixel_values` skips the vision tower, so that rank stops joining the
+    all-gathers of the vision layers the other ranks are running: the job deadlocks. The dummy image's
+    `num_image_tokens` placeholders are appended after every row's last position with attention_mask 0 and labels
+    -100: causal attention never lets a real token see them and no loss is taken on them, so the loss and every
+    gradient are those of the text-only batch (the vision tower and projector receive exactly zero gradient), and
+    the model's image-token count check is satisfied. Apply it to every micro-batch whenever more than one rank
+    trains; `image_shape` is (channels, height, width).
+    """
+    pixels = batch.get("pixel_values")
+    if pixels is not None and pixels.shape[0] > 0:
+        return batch
+    input_ids = batch["input_ids"]
+    rows = input_ids.shape[0]
+    extra = torch.full((rows, num_image_tokens), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    extra[0] = image_token_id
+    out = dict(batch)
+    out["input_ids"] = torch.cat([input_ids, extra], dim=1)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    out["attention_mask"] = torch.cat([mask, torch.zeros_like(extra, dtype=mask.dtype)], dim=1)
+    if "labels" in batch:
+        out["labels"] = torch.cat([batch["labels"], torch.full_like(extra, -100, dtype=batch["labels"].dtype)], dim=1)
+    dtype = pixels.dtype if pixels is not None else torch.float32
+    out["pixel_values"] = torch.zeros((1, *image_shape), dtype=dtype, device=input_ids.device)
+    return out
