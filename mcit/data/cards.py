@@ -24,7 +24,8 @@ from mcit.data.records import Sample
 from mcit.errors import DataError
 
 ANSWER_STYLES = ("word", "number", "letter", "yesno", "caption", "ocr", "box", "free")
-SCORERS = ("exact_match", "mc_letter", "numeric", "yesno", "contains", "caption", "iou")
+SCORERS = ("exact_match", "mc_letter", "numeric", "yesno", "contains", "caption", "caption_mean", "iou",
+           "scene_attributes")
 SPLITS = ("train", "test")
 
 _REPO_CARDS = Path(__file__).resolve().parents[2] / "data_cards"
@@ -68,6 +69,8 @@ class DataCard:
     root: str = "."
     """Data folder; `${ENV}`, `${ENV:-default}` and `~` are expanded; relative roots are relative to the card."""
     citation: str | None = None
+    generator: str | None = None
+    """`synthcit`: the data is generated on first use into `root` (see mcit/data/synthcit.py)."""
     path: Path | None = field(default=None, compare=False, repr=False)
     """The card file (not a YAML key); relative roots hang off its folder."""
     _candidate_cache: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)

@@ -417,8 +417,19 @@ def default_root() -> Path:
 
 
 def ensure_built(root: str | Path | None = None, config: BuildConfig | None = None) -> Path:
-    """Build SynthCIT on first use (the data card's root); cheap when already built."""
-    return build(root or default_root(), config)
+    """Build SynthCIT on first use (the data card's root); cheap when already built.
+
+    Serialised with a file lock: every rank of a distributed job (or parallel tests) may call it at once."""
+    import fcntl
+
+    root = Path(root or default_root()).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return build(root, config)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def corpus() -> list[str]:
@@ -436,4 +447,6 @@ def corpus() -> list[str]:
         "Answer yes or no. Is the answer correct? Please answer in about twenty words. Please answer in detail.",
         "USER: ASSISTANT: The answer is 0 1 2 3 4 5 6 7 8 9 , . ; : ? ! ( ) [ ]",
     ]
+    # the chat wrapper and the rendered words recur in every sample: give them whole tokens
+    lines += ["USER: ASSISTANT:"] * 500 + [" ".join(f"text {w}" for w in WORDS)] * 100
     return [line for line in lines if line]

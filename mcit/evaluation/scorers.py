@@ -623,3 +623,48 @@ def align_by_id(
 def _preview(ids: list[str], limit: int = 10) -> str:
     shown = ", ".join(repr(i) for i in ids[:limit])
     return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+_SCENE_OBJECT = re.compile(r"^(small|large) (\w+) (\w+) at ([\w ]+)$")
+
+
+def parse_scene(text: str) -> tuple[dict[str, tuple[str, str, str]], str | None]:
+    """Parse a SynthCIT scene description ("scene: small red circle at top left; ...; text pen") into
+    {position: (size, colour, shape)} and the rendered word. Unparseable parts are ignored."""
+    body = text.strip()
+    body = body[len("scene:"):] if body.startswith("scene:") else body
+    objects, word = {}, None
+    for part in body.split(";"):
+        part = part.strip()
+        if part.startswith("text "):
+            word = part[5:].strip()
+            continue
+        match = _SCENE_OBJECT.match(part)
+        if match:
+            size, color, shape, where = match.groups()
+            objects.setdefault(where.strip(), (size, color, shape))
+    return objects, word
+
+
+@register_scorer("scene_attributes")
+@dataclass
+class SceneAttributes(Scorer):
+    """Attribute accuracy of a scene description (the tiny base's pretraining bar): for every reference object, its
+    size, colour and shape at its position each count one point, the rendered word one more; a prediction naming an
+    object where there is none costs one point. Per-sample score = points won / points available."""
+
+    name: ClassVar[str] = "scene_attributes"
+
+    def score_aligned(self, predictions: list[str], references: list[str], metas: list[dict]) -> ScoreResult:
+        per_sample, exact = [], 0
+        for pred, ref in zip(predictions, references):
+            p_obj, p_word = parse_scene(pred)
+            r_obj, r_word = parse_scene(ref)
+            won = sum(a == b for where, attrs in r_obj.items() for a, b in zip(attrs, p_obj.get(where, ("",) * 3)))
+            total = 3 * len(r_obj) + len(set(p_obj) - set(r_obj))
+            if r_word is not None or p_word is not None:
+                total += 1
+                won += int(r_word == p_word)
+            per_sample.append(won / total if total else 1.0)
+            exact += int(p_obj == r_obj and p_word == r_word)
+        return _mean_result(per_sample, exact_match=100.0 * exact / len(predictions))

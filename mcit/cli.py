@@ -1,0 +1,191 @@
+"""`mcit`: the command line. Each subcommand mirrors one step of the pipeline.
+
+    mcit train RECIPE [key=value ...]        run a recipe's task sequence (resumes a killed run)
+    mcit eval --checkpoint PATH --benchmark CARD [--tasks a,b]
+    mcit export RUN_OR_CHECKPOINT --out DIR [--push REPO]
+    mcit analyze cka RECIPE ...              layer-wise CKA between tasks (HiDe's analysis)
+    mcit report RUN [RUN ...]                report.md / report.html with plots
+    mcit data build synthcit | validate CARD | list
+    mcit launch RECIPE --nproc N             the same recipe under the deepspeed launcher
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mcit.errors import McitError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mcit.config import load_recipe
+    from mcit.methods.base import build_method
+    from mcit.train.runner import ContinualRunner
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    build_method(recipe)  # method options are checked before anything heavy starts
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        return 0
+    path = ContinualRunner(recipe).run()
+    print(f"results: {path}")
+    report = path.parent / "report" / "report.html"
+    if report.exists():
+        print(f"report:  {report}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mcit.evaluation.standalone import evaluate_checkpoint
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    path = evaluate_checkpoint(args.checkpoint, args.benchmark, tasks=tasks, output_dir=args.output,
+                               recipe_path=args.recipe, max_test=args.max_test, batch_size=args.batch_size,
+                               constrained=not args.no_constrained)
+    print(f"results: {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mcit.report.report import write_report
+
+    path = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.action == "build":
+        if args.name != "synthcit":
+            raise McitError(f"mcit data build: only 'synthcit' can be generated, got {args.name!r}")
+        from mcit.data import synthcit
+
+        root = Path(args.root).expanduser() if args.root else synthcit.default_root()
+        config = synthcit.BuildConfig(seed=args.seed)
+        if args.force:
+            (root / "BUILD.json").unlink(missing_ok=True)
+        path = synthcit.ensure_built(root, config)
+        print(f"SynthCIT at {path}")
+        return 0
+    from mcit.data.cards import available_cards, load_card
+
+    if args.action == "list":
+        for name in available_cards():
+            card = load_card(name)
+            print(f"{name:20s} {len(card.tasks)} tasks: {' -> '.join(card.task_names)}")
+        return 0
+    from mcit.data.validate import validate_card
+
+    card = load_card(args.name)
+    if args.root:
+        card.root = args.root
+    if card.generator == "synthcit":
+        from mcit.data import synthcit
+
+        synthcit.ensure_built(card.root_dir)
+    report = validate_card(card, check_images=args.images)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        raise McitError("the deepspeed launcher is not on PATH (pip install deepspeed)")
+    cmd = [launcher]
+    if args.hostfile:
+        cmd += ["--hostfile", args.hostfile]
+    else:
+        cmd += ["--num_gpus", str(args.nproc)]
+    cmd += ["--master_port", str(args.master_port), "--no_local_rank", "--module", "mcit.train", args.recipe,
+            *args.overrides]
+    env = dict(os.environ)
+    if args.cpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    print(" ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcit", description="Multimodal continual instruction tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run a recipe's task sequence", description=(
+        "Train the recipe's tasks in order, evaluating every task after each one. Re-running the same command "
+        "resumes a killed run."))
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4 output_dir=/tmp/x")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark", description=(
+        "Evaluate a run's stage checkpoint, a PEFT adapter folder, an HF model (id or folder) or builtin:tiny-llava "
+        "on a data card's tasks, including tasks the model never trained on."))
+    p.add_argument("--checkpoint", required=True, help="checkpoints/stage-XX-* folder, adapter folder or model")
+    p.add_argument("--benchmark", required=True, help="data card name or path")
+    p.add_argument("--tasks", help="comma-separated task subset")
+    p.add_argument("--output", help="folder for results.json and predictions (default: next to the checkpoint)")
+    p.add_argument("--recipe", help="recipe for a bare model/adapter (model settings, eval settings)")
+    p.add_argument("--max-test", type=int, help="evaluate at most this many samples per task")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-constrained", action="store_true", help="skip likelihood ranking of valid answers")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="merge adapters, write a model card, push to the Hub")
+    from mcit.export.cli import add_arguments as add_export_arguments
+
+    add_export_arguments(p)
+
+    p = sub.add_parser("analyze", help="diagnostics: layer-wise CKA between tasks")
+    from mcit.analysis.cli import add_arguments as add_analyze_arguments
+
+    add_analyze_arguments(p)
+
+    p = sub.add_parser("report", help="write report.md and report.html for one or more runs")
+    p.add_argument("runs", nargs="+", help="run folders (several: a comparison)")
+    p.add_argument("--out", help="output folder (default: RUN/report, or ./report-compare for several)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("data", help="build SynthCIT, list and validate data cards")
+    p.add_argument("action", choices=["build", "validate", "list"])
+    p.add_argument("name", nargs="?", default="synthcit", help="'synthcit' for build, a card name/path for validate")
+    p.add_argument("--root", help="data root (default: the card's root / MCIT_SYNTHCIT_ROOT)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.add_argument("--images", default="header", choices=["none", "exists", "header", "decode"],
+                   help="how thoroughly to check images")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("launch", help="run a recipe under the deepspeed launcher")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--nproc", type=int, default=2, help="processes (GPUs) per node")
+    p.add_argument("--hostfile", help="multi-node hostfile (see launch/hostfile.example)")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--cpu", action="store_true", help="run on CPU with gloo (DS_ACCELERATOR=cpu)")
+    p.set_defaults(func=_cmd_launch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except McitError as exc:
+        print(f"mcit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

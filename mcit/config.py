@@ -1,0 +1,272 @@
+"""Recipes: one YAML file names the base model, the benchmark (a data card), the method and the training settings.
+
+```yaml
+extends: ../base.yaml            # optional; deep-merged, this file wins
+name: quickstart
+output_dir: runs/quickstart
+model: {name_or_path: builtin:tiny-llava}
+benchmark: {card: synthcit-mini}
+method: {name: lora_ft, lora: {r: 8}}
+train: {lr: 2.0e-4, epochs: 1}
+```
+
+Every key is checked at load: an unknown key names itself and the closest valid key, a wrong type names its dotted
+path and the expected type. `mcit train r.yaml train.lr=1e-4 output_dir=/tmp/x` overrides any key. Method-specific
+keys in `method:` are checked by the method's own options dataclass when the method is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mcit.errors import RecipeError
+from mcit.schema import from_mapping, to_mapping
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny-llava"
+    """An HF model id, a local directory, or `builtin:tiny-llava` / `builtin:tiny-llava-init`."""
+    revision: str | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Storage dtype of the base weights (bf16 halves memory on GPU; on CPU keep fp32 and use autocast)."""
+    autocast: Literal["bf16", "fp16"] | None = "bf16"
+    """Compute dtype of matmuls; bf16 autocast is ~4x faster than fp32 on recent CPUs."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 when importable on CUDA, else sdpa) | sdpa | eager | flash_attention_2."""
+    load_in_4bit: bool = False
+    """QLoRA: 4-bit NF4 base weights through bitsandbytes (CUDA only)."""
+    trust_remote_code: bool = False
+    train_projector: bool = False
+    train_vision: bool = False
+    full_finetune: bool = False
+    """Train every language-model weight instead of adapters (used to pretrain the tiny base)."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """Linear layer names inside the language model only (the vision tower and projector are never wrapped)."""
+
+
+@dataclass
+class ASDConfig:
+    enabled: bool = False
+    fraction: float = 0.2
+    """Share of each task's training samples converted to another answer style (SEFE: 20 %)."""
+    styles: list[str] = field(default_factory=lambda: ["yesno", "mc", "brief", "detailed"])
+
+
+@dataclass
+class BenchmarkConfig:
+    card: str = "synthcit-mini"
+    """A data card name (`data_cards/<name>.yaml`) or a path."""
+    tasks: list[str] | None = None
+    """A subset / order of the card's tasks (default: all, in card order)."""
+    root: str | None = None
+    """Override the card's data root."""
+    max_train: int | None = None
+    max_test: int | None = None
+    skip_invalid: bool = False
+    """Train on the valid samples of a card with problems (reporting how many were skipped) instead of refusing."""
+    asd: ASDConfig = field(default_factory=ASDConfig)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora_ft"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+    """Method-specific keys (written directly under `method:` in YAML)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Optimizer steps per task (overrides epochs)."""
+    batch_size: int = 16
+    """Per-process micro-batch."""
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    group_by_length: bool = True
+    save_steps: int = 50
+    """Write a resumable step checkpoint every this many optimizer steps (0: only at task ends)."""
+    log_steps: int = 10
+    deepspeed: str | None = None
+    """zero2 | zero3 | zero3_offload or a DeepSpeed JSON path; used when launched with `deepspeed`."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    max_new_tokens: int = 48
+    constrained: bool = True
+    """Also rank each closed task's valid answers by likelihood (knowledge independent of format)."""
+    zero_shot: bool = True
+    max_test: int | None = None
+
+
+@dataclass
+class Recipe:
+    output_dir: str
+    name: str = "recipe"
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str | None = None
+    """The recipe file (set by the loader)."""
+
+    def to_dict(self) -> dict:
+        data = to_mapping(self)
+        method = data["method"]
+        data["method"] = {"name": method["name"], "lora": method["lora"], **method["options"]}
+        return data
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        where = f" (extended from {chain[-1]})" if chain else ""
+        raise RecipeError(f"recipe file not found: {path}{where}")
+    if path in chain:
+        raise RecipeError(f"{path}: `extends` loops back: {' -> '.join(map(str, chain + (path,)))}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: expected a path (string), got {parent!r}")
+    base = _read_yaml((path.parent / parent).resolve(), chain + (path,))
+    return _deep_merge(base, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected dotted.key=value (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node.get(key, {}), dict):
+                raise RecipeError(f"override {text!r}: {key} is not a section")
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return data
+
+
+def _fix_floats(node: Any) -> Any:
+    # PyYAML (YAML 1.1) parses `1e-4` as a string; every recipe author means a number.
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    if isinstance(node, str):
+        try:
+            if node.strip() and node.strip()[0] in "+-.0123456789" and "e" in node.lower():
+                return float(node)
+        except ValueError:
+            return node
+    return node
+
+
+def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    data = _fix_floats(copy.deepcopy(data))
+    if "output_dir" not in data:
+        raise RecipeError(f"{where}: output_dir: required key is missing (the run folder, e.g. runs/my-run; "
+                          "set it in the recipe or as output_dir=PATH on the command line)")
+    method = data.get("method")
+    if isinstance(method, dict):
+        fixed = {k: method[k] for k in ("name", "lora") if k in method}
+        fixed["options"] = {k: v for k, v in method.items() if k not in ("name", "lora")}
+        data["method"] = fixed
+    recipe = from_mapping(Recipe, data, where=where, error=RecipeError)
+    _check_values(recipe, where)
+    return recipe
+
+
+def _check_values(recipe: Recipe, where: str) -> None:
+    checks = [
+        ("train.batch_size", recipe.train.batch_size >= 1, "a positive integer"),
+        ("train.grad_accum", recipe.train.grad_accum >= 1, "a positive integer"),
+        ("train.lr", recipe.train.lr > 0, "a positive number"),
+        ("train.epochs", recipe.train.epochs > 0, "a positive number"),
+        ("train.warmup_ratio", 0 <= recipe.train.warmup_ratio < 1, "a number in [0, 1)"),
+        ("train.max_length", recipe.train.max_length >= 16, "an integer >= 16"),
+        ("method.lora.r", recipe.method.lora.r >= 1, "a positive integer"),
+        ("benchmark.asd.fraction", 0 <= recipe.benchmark.asd.fraction <= 1, "a number in [0, 1]"),
+        ("eval.batch_size", recipe.eval.batch_size >= 1, "a positive integer"),
+    ]
+    if recipe.train.max_steps is not None:
+        checks.append(("train.max_steps", recipe.train.max_steps >= 1, "a positive integer"))
+    for key, ok, expected in checks:
+        if not ok:
+            raise RecipeError(f"{where}: {key}: expected {expected}")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file (following `extends`), apply `dotted.key=value` overrides, validate."""
+    path = Path(path).expanduser().resolve()
+    data = apply_overrides(_read_yaml(path), overrides or [])
+    recipe = recipe_from_dict(data, where=str(path))
+    recipe.source = str(path)
+    card = recipe.benchmark.card
+    if card.endswith((".yaml", ".yml")) and not Path(card).is_absolute() and not Path(card).exists():
+        beside = path.parent / card
+        if beside.exists():
+            recipe.benchmark.card = str(beside)
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    data = recipe.to_dict()
+    data.pop("source", None)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

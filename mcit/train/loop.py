@@ -1,0 +1,186 @@
+"""Train one stage: length-grouped micro-batches, gradient accumulation, cosine schedule with warmup, clipping,
+step checkpoints for resume. Plain PyTorch in one process; a DeepSpeed engine when launched with `deepspeed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mcit.config import Recipe
+from mcit.data.collate import Encoded, PixelCache, collate, epoch_batches
+from mcit.train import checkpoint as ckpt
+from mcit.train import distributed as dist
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+
+
+def autocast_context(dtype_name: str | None, device: torch.device | str = "cpu"):
+    dtype = AUTOCAST[dtype_name]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def cosine_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class StagePlan:
+    micro_batches: list[list[int]]
+    steps: int
+    grad_accum: int
+    warmup: int
+
+
+def plan_stage(lengths: list[int], recipe: Recipe, stage: int) -> StagePlan:
+    """The exact micro-batch sequence of a stage (same seed -> same plan, on every rank)."""
+    tc = recipe.train
+    world, rank = dist.world_size(), dist.rank()
+    epochs = max(1, math.ceil(tc.epochs))
+    batches = list(epoch_batches(lengths, tc.batch_size, recipe.seed * 7919 + stage, epochs,
+                                 group=tc.group_by_length, rank=rank, world_size=world))
+    per_epoch = len(batches) / epochs
+    if tc.max_steps is not None:
+        needed = tc.max_steps * tc.grad_accum
+        while len(batches) < needed:  # more steps than the data: keep cycling fresh epochs
+            batches += list(epoch_batches(lengths, tc.batch_size, recipe.seed * 7919 + stage + 104729 * len(batches),
+                                          1, group=tc.group_by_length, rank=rank, world_size=world))
+        batches = batches[:needed]
+    else:
+        batches = batches[:max(tc.grad_accum, int(round(per_epoch * tc.epochs)))]
+    steps = max(1, len(batches) // tc.grad_accum)
+    batches = batches[:steps * tc.grad_accum]
+    return StagePlan(batches, steps, tc.grad_accum, int(math.ceil(tc.warmup_ratio * steps)))
+
+
+class StageTrainer:
+    """Runs the optimizer steps of one stage and writes step checkpoints the runner can resume from."""
+
+    def __init__(self, model, method, recipe: Recipe, encoded: list[Encoded], pixels: PixelCache, pad_id: int, *,
+                 stage: int, label: str, step_dir: Path, log: Callable[[dict], None], ds_config: dict | None = None,
+                 image_info: dict | None = None):
+        self.model, self.method, self.recipe = model, method, recipe
+        self.encoded, self.pixels, self.pad_id = encoded, pixels, pad_id
+        self.stage, self.label, self.step_dir, self.log = stage, label, Path(step_dir), log
+        self.ds_config = ds_config
+        self.image_info = image_info or {}
+        self.plan = plan_stage([len(e) for e in encoded], recipe, stage)
+
+    # --- optimizer -------------------------------------------------------------------------------------------------
+    def _build(self):
+        groups = self.method.param_groups(self.model)
+        if self.ds_config is not None:
+            engine = dist.initialize(self.model, groups, self.ds_config, self.plan.steps, self.plan.warmup)
+            return engine, engine.optimizer, engine.lr_scheduler
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(self.plan.warmup, self.plan.steps))
+        return None, optimizer, scheduler
+
+    # --- resume ----------------------------------------------------------------------------------------------------
+    def _resume(self, optimizer, scheduler) -> int:
+        folder = self.step_dir
+        if self.ds_config is not None or not ckpt.is_complete(folder):
+            return 0
+        meta = __import__("json").loads((folder / "trainer.json").read_text())
+        if meta.get("stage") != self.stage or meta.get("steps") != self.plan.steps:
+            return 0
+        ckpt.open_checkpoint(folder)
+        tensors = ckpt.load_tensors(folder / "model.safetensors")
+        self.model.load_state_dict(tensors, strict=False)
+        ckpt.optimizer_from_tensors(optimizer, ckpt.load_tensors(folder / "optimizer.safetensors"), meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        ckpt.set_rng_state(ckpt.load_tensors(folder / "rng.safetensors"))
+        extra = ckpt.load_tensors(folder / "method.safetensors")
+        self.method.load_state(meta.get("method", {}), extra)
+        return int(meta["step"])
+
+    def _save_step(self, step: int, optimizer, scheduler) -> None:
+        if self.ds_config is not None:
+            return  # DeepSpeed optimizer state would need its pickle-based checkpoints: resume per stage instead
+        writer = ckpt.CheckpointWriter(self.step_dir)
+        writer.tensors("model.safetensors", self.method.state_tensors(self.model))
+        tensors, layout = ckpt.optimizer_to_tensors(optimizer)
+        writer.tensors("optimizer.safetensors", tensors)
+        writer.tensors("rng.safetensors", ckpt.rng_state())
+        writer.tensors("method.safetensors", self.method.method_tensors())
+        writer.json("trainer.json", {"stage": self.stage, "step": step, "steps": self.plan.steps,
+                                     "optimizer": layout, "scheduler": scheduler.state_dict(),
+                                     "method": self.method.state()})
+        writer.commit()
+
+    # --- loop ------------------------------------------------------------------------------------------------------
+    def _batch(self, indices: list[int]) -> dict:
+        batch = collate([self.encoded[i] for i in indices], self.pad_id, self.pixels)
+        if dist.world_size() > 1 and self.image_info:
+            batch = dist.ensure_vision_forward(batch, pad_token_id=self.pad_id, **self.image_info)
+        return batch
+
+    def run(self) -> dict[str, Any]:
+        engine, optimizer, scheduler = self._build()
+        start = self._resume(optimizer, scheduler)
+        model = engine if engine is not None else self.model
+        model.train()
+        tc = self.recipe.train
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        bar = tqdm(total=self.plan.steps, initial=start, desc=f"train {self.label}", disable=not dist.is_main(),
+                   dynamic_ncols=True, leave=False)
+        t0, seen, losses = time.time(), 0, []
+        for step in range(start, self.plan.steps):
+            step_loss = 0.0
+            for micro in range(self.plan.grad_accum):
+                batch = self._batch(self.plan.micro_batches[step * self.plan.grad_accum + micro])
+                with autocast_context(self.recipe.model.autocast):
+                    outputs = model(**batch)
+                    loss = outputs.loss
+                    extra = self.method.extra_loss(self.model, batch, outputs)
+                    if extra is not None:
+                        loss = loss + extra
+                if engine is not None:
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    (loss / self.plan.grad_accum).backward()
+                step_loss += loss.item() / self.plan.grad_accum
+                seen += batch["input_ids"].shape[0]
+            if engine is None:
+                if tc.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            done = step + 1
+            if done % max(1, tc.log_steps) == 0 or done == self.plan.steps:
+                lr = optimizer.param_groups[0]["lr"]
+                self.log({"event": "train", "stage": self.stage, "task": self.label, "step": done,
+                          "steps": self.plan.steps, "loss": round(sum(losses[-tc.log_steps:]) /
+                                                                  len(losses[-tc.log_steps:]), 5),
+                          "lr": lr, "samples_per_s": round(seen / max(1e-9, time.time() - t0), 2)})
+            if tc.save_steps and done % tc.save_steps == 0 and done < self.plan.steps:
+                self._save_step(done, optimizer, scheduler)
+        bar.close()
+        if engine is not None:
+            self.model = dist.release(engine)
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.time() - t0
+        return {"steps": self.plan.steps, "resumed_from": start, "seconds": round(elapsed, 2),
+                "samples_per_s": round(seen / max(elapsed, 1e-9), 2),
+                "final_loss": losses[-1] if losses else None}
