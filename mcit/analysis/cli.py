@@ -1,0 +1,254 @@
+"""`mcit analyze cka`: layer-wise CKA between task models on one shared probe set (HiDe-LLaVA's analysis).
+
+    mcit analyze cka --checkpoints A B C --benchmark CARD [--tasks a,b] [--samples 50] [--kind rbf|linear]
+                     [--out DIR] [--expand 1 | --threshold 0.9]
+
+Each checkpoint is a model fine-tuned on one task: independently fine-tuned adapters (HiDe's setting), or the stage
+checkpoints `RUN/checkpoints/stage-XX-<task>` of a sequential run. Every model sees the *same* probe samples in the
+same order (`--samples` test samples from each task of the card, drawn once with a fixed seed and never from a
+checkpoint's own recipe, whose seed or test limits may differ), because CKA compares two representations of the same
+inputs. Each model tokenizes the samples with its own processor; the samples are what must match.
+
+Output in OUT (default `<run>/analysis` for a stage checkpoint, else `./analysis`): `cka.json` (CKAResult), the
+heatmaps and the mean cross-task curve, and `probe.json` (checkpoints, labels and sample ids, so the measurement can
+be repeated). The printed table marks the layers `choose_expand_layers` picks: the least similar ones, which HiDe makes
+task-specific.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcit.analysis.cka import KINDS, CKAResult, choose_expand_layers, collect_layer_features, layerwise_cka, plot_cka
+from mcit.data.records import Sample
+from mcit.errors import EvalError
+
+PROBE_SEED = 0
+_STAGE_FOLDER = re.compile(r"^stage-\d+-(.+)$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `mcit analyze`; `mcit/cli.py` builds the `analyze` subparser and calls `args.func(args)`."""
+    sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    p = sub.add_parser("cka", help="layer-wise CKA between task models on a shared probe set", description=(
+        "Run every checkpoint on the same probe samples, average each language-model layer's MLP down_proj output "
+        "over tokens, and compare the models layer by layer with CKA. The least similar layers are the ones "
+        "worth making task-specific (HiDe-LLaVA's expand layers)."))
+    p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
+                   help="two or more task models: stage folders, PEFT adapter folders, model dirs or ids")
+    p.add_argument("--benchmark", required=True, help="data card name or path (the probe samples come from it)")
+    p.add_argument("--tasks", help="comma-separated tasks of the card to draw probe samples from (default: all)")
+    p.add_argument("--root", help="override the card's data root")
+    p.add_argument("--samples", type=int, default=50, help="test samples per task in the probe set (default 50)")
+    p.add_argument("--kind", choices=KINDS, default="rbf", help="CKA kernel (default rbf, median bandwidth)")
+    p.add_argument("--labels", help="comma-separated names for the checkpoints (default: stage task or folder name)")
+    p.add_argument("--out", help="output folder (default: <run>/analysis for a stage checkpoint, else ./analysis)")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--expand", type=int, default=None, metavar="N",
+                        help="report the N least similar layers as expand layers (default 1)")
+    choice.add_argument("--threshold", type=float, default=None,
+                        help="report every layer whose mean cross-task CKA is below this value instead")
+    p.add_argument("--recipe", help="recipe for adapters/bare models (model settings); stage folders use their run's")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512, help="token limit of a probe sample (same for all models)")
+    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
+                   help="compute dtype of the forward passes (default none: fp32, the most exact)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:i]")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "analysis", None) != "cka":
+        raise EvalError(f"mcit analyze: unknown analysis {getattr(args, 'analysis', None)!r}; available: cka")
+    return run_cka(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_stage_folder(path: Path) -> bool:
+    return (path / "method.json").is_file()
+
+
+def checkpoint_label(checkpoint: str) -> str:
+    """`stage-03-count` -> `count`; a folder -> its name; `builtin:tiny-llava` or `org/model` -> the last part."""
+    path = Path(checkpoint).expanduser()
+    name = path.name or checkpoint
+    match = _STAGE_FOLDER.match(name)
+    if match and is_stage_folder(path):
+        return match.group(1)
+    return name.split(":")[-1]
+
+
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """Keep labels distinct (the same task's model given twice, or two folders with one name): `x`, `x#2`, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return out
+
+
+def default_out_dir(checkpoint: str) -> Path:
+    """`RUN/analysis` when the first checkpoint is a stage folder `RUN/checkpoints/stage-XX-*`, else `./analysis`."""
+    path = Path(checkpoint).expanduser()
+    if is_stage_folder(path):
+        return path.parent.parent / "analysis"
+    return Path("analysis")
+
+
+def load_probe_samples(benchmark: str, tasks: list[str] | None, samples: int, root: str | None):
+    """(card, probe samples): `samples` test samples of each task, the same subset on every call."""
+    from mcit.config import recipe_from_dict
+    from mcit.train.runner import prepare_card
+
+    if samples < 1:
+        raise EvalError(f"--samples must be at least 1, got {samples}")
+    recipe = recipe_from_dict({"output_dir": ".", "seed": PROBE_SEED, "benchmark": {"card": benchmark}})
+    recipe.benchmark.tasks = tasks
+    recipe.benchmark.root = root
+    recipe.benchmark.max_test = samples
+    card = prepare_card(recipe)
+    probe: list[Sample] = []
+    for task in card.tasks:
+        probe += card.load_task(task.name, "test", seed=PROBE_SEED)
+    if len(probe) < 2:
+        raise EvalError(f"the probe set from card {card.name!r} has {len(probe)} sample(s); CKA needs at least 2 "
+                        "(raise --samples or add tasks)")
+    return card, probe
+
+
+def _batches(samples: Sequence[Sample], indices: Sequence[int], encoder, pixels, pad_id: int,
+             batch_size: int) -> Iterator[dict[str, Any]]:
+    from mcit.data.collate import collate
+
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        batch = collate([encoder.encode(samples[i], i) for i in chunk], pad_id, pixels)
+        batch.pop("labels")  # a forward pass without labels skips the loss
+        yield batch
+
+
+def probe_features(model, processor, method, samples: Sequence[Sample], *, batch_size: int = 16,
+                   max_length: int = 512, autocast: str | None = None) -> dict[int, torch.Tensor]:
+    """Token-averaged down_proj outputs of every LM layer, one row per probe sample, in probe order.
+
+    Samples go through the method's evaluation groups, so a routing method runs each sample with the expert it would
+    use at inference; rows are put back in probe order afterwards.
+    """
+    from mcit.data.collate import Encoder, PixelCache
+    from mcit.train.loop import autocast_context
+
+    encoder = Encoder(processor, max_length)
+    pixels = PixelCache(processor)
+    pad_id = processor.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    features: dict[int, torch.Tensor] = {}
+    filled = torch.zeros(len(samples), dtype=torch.bool)
+    for context, indices in method.eval_groups(model, samples):
+        if not indices:
+            continue
+        with context, autocast_context(autocast, device):
+            group = collect_layer_features(model, _batches(samples, indices, encoder, pixels, pad_id, batch_size))
+        rows = torch.tensor(list(indices))
+        for layer, matrix in group.items():
+            if layer not in features:
+                features[layer] = torch.zeros(len(samples), matrix.shape[1])
+            features[layer][rows] = matrix
+        filled[rows] = True
+    if not bool(filled.all()):
+        raise EvalError(f"method {method.name!r}: evaluation groups left {int((~filled).sum())} probe samples out")
+    return features
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def format_table(result: CKAResult, expand: Sequence[int]) -> str:
+    lines = [f"| layer | mean cross-task {result.kind} CKA | expand |", "|---|---|---|"]
+    for layer in result.layers:
+        lines.append(f"| {layer} | {result.mean_cross_task[layer]:.4f} | {'*' if layer in expand else ''} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_cka(args: argparse.Namespace) -> int:
+    from mcit.config import load_recipe
+    from mcit.evaluation.standalone import load_for_eval
+
+    checkpoints = list(args.checkpoints)
+    if len(checkpoints) < 2:
+        raise EvalError(f"--checkpoints: CKA compares task models, give at least 2 (got {len(checkpoints)})")
+    if args.labels:
+        labels = [label.strip() for label in args.labels.split(",")]
+        if len(labels) != len(checkpoints) or len(set(labels)) != len(labels) or not all(labels):
+            raise EvalError(f"--labels: need {len(checkpoints)} distinct non-empty names, one per checkpoint; "
+                            f"got {labels}")
+    else:
+        labels = unique_labels([checkpoint_label(c) for c in checkpoints])
+    if args.expand is not None and args.expand < 1:
+        raise EvalError(f"--expand must be at least 1, got {args.expand}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    card, probe = load_probe_samples(args.benchmark, tasks, args.samples, args.root)
+    out = Path(args.out).expanduser() if args.out else default_out_dir(checkpoints[0])
+    autocast = None if args.autocast == "none" else args.autocast
+    device = _device(args.device)
+
+    features: dict[str, dict[int, torch.Tensor]] = {}
+    for label, checkpoint in zip(labels, checkpoints):
+        # A fresh recipe per checkpoint: load_for_eval edits the recipe it is given.
+        recipe = load_recipe(args.recipe) if args.recipe else None
+        model, processor, method, _ = load_for_eval(checkpoint, recipe)
+        if getattr(model, "hf_quantizer", None) is None:
+            model.to(device)
+        print(f"{label}: {checkpoint}", flush=True)
+        features[label] = probe_features(model, processor, method, probe, batch_size=args.batch_size,
+                                         max_length=args.max_length, autocast=autocast)
+        del model, processor, method  # one model in memory at a time
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    result = layerwise_cka(features, kind=args.kind)
+    if args.threshold is not None:
+        expand = choose_expand_layers(result, threshold=args.threshold)
+    else:
+        expand = choose_expand_layers(result, count=args.expand if args.expand is not None else 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cka.json").write_text(result.to_json(), encoding="utf-8")
+    plots = plot_cka(result, out)
+    provenance = {
+        "checkpoints": [str(c) for c in checkpoints], "labels": labels, "benchmark": card.name,
+        "tasks": card.task_names, "samples_per_task": args.samples, "probe_seed": PROBE_SEED,
+        "probe": [[s.task, s.id] for s in probe], "kind": args.kind, "max_length": args.max_length,
+        "autocast": args.autocast, "expand_layers": expand,
+        "expand_rule": {"threshold": args.threshold} if args.threshold is not None else
+        {"count": args.expand if args.expand is not None else 1},
+    }
+    (out / "probe.json").write_text(json.dumps(provenance, indent=1), encoding="utf-8")
+
+    print(f"{result.kind} CKA over {result.n_samples} probe samples ({len(card.tasks)} tasks of {card.name}), "
+          f"{len(labels)} models: {', '.join(labels)}")
+    print(format_table(result, expand))
+    rule = f"mean CKA < {args.threshold}" if args.threshold is not None else "lowest mean CKA"
+    print(f"expand layers ({rule}): {expand if expand else 'none'}")
+    print(f"wrote {out / 'cka.json'}, {out / 'probe.json'}, " + ", ".join(str(p) for p in plots))
+    return 0
