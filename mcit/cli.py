@@ -3,7 +3,7 @@
     mcit train RECIPE [key=value ...]        run a recipe's task sequence (resumes a killed run)
     mcit eval --checkpoint PATH --benchmark CARD [--tasks a,b]
     mcit export RUN_OR_CHECKPOINT --out DIR [--push REPO]
-    mcit analyze cka RECIPE ...              layer-wise CKA between tasks (HiDe's analysis)
+    mcit analyze cka --checkpoints A B ... --benchmark CARD   layer-wise CKA between task models
     mcit report RUN [RUN ...]                report.md / report.html with plots
     mcit data build synthcit | validate CARD | list
     mcit launch RECIPE --nproc N             the same recipe under the deepspeed launcher

@@ -86,6 +86,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def mean_across_ranks(value: float) -> float:
+    """The mean of a Python number over all ranks (collective; the value itself when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item()) / torch.distributed.get_world_size()
+
+
 def _timeout() -> timedelta:
     # One knob for how long a rank waits in a collective before giving up: DeepSpeed's DEEPSPEED_TIMEOUT (minutes),
     # overridable in seconds by MCIT_DIST_TIMEOUT_S (tests use a short one).

@@ -164,6 +164,8 @@ class StageTrainer:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            if dist.world_size() > 1:  # log the global mean, comparable with a one-process run
+                step_loss = dist.mean_across_ranks(step_loss)
             losses.append(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")

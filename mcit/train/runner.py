@@ -280,7 +280,8 @@ class ContinualRunner:
             writer.json("method.json", {"method": method.name, "stage": stage + 1, "task": label,
                                         "state": method.state()})
             if hasattr(model, "peft_config"):
-                model.save_pretrained(writer.tmp / "adapter")  # loads with plain PEFT
+                # the tensors gathered above, so that a ZeRO-3 run saves real shapes (loads with plain PEFT)
+                model.save_pretrained(writer.tmp / "adapter", state_dict=tensors)
             writer.commit()
             step = self.ckpt_dir / "last-step"
             if step.exists():
