@@ -5,7 +5,7 @@ dict that `build_model_card(info)` renders. Keys of `info`:
 
     model_name (str), base_model (str), method (str), benchmark (str), tasks (list[str]), stages (list[str]),
     matrix (list[list[float | None]], rows = stages, 0-100), metrics (dict: MFT, MFN, MAA, BWT, ...),
-    artifact ("adapter" | "merged"), merge (str | None, the merge algorithm when several task LoRAs were merged),
+    artifact ("adapter" | "merged" | "full": a full fine-tune without LoRA), merge (str | None, the merge algorithm when several task LoRAs were merged),
     hyperparameters (dict, flattened to dotted keys), license (str | None), scorers (dict task -> scorer name),
     seed (int | None), repo_id (str | None)
 
@@ -33,6 +33,11 @@ from mcit.errors import McitError
 
 TAGS = ["mcit", "continual-learning", "llava", "lora"]
 PIPELINE_TAG = "image-text-to-text"
+ARTIFACTS = {
+    "adapter": "LoRA adapter (PEFT)",
+    "merged": "full model with the LoRA merged into the weights",
+    "full": "full model (every language-model weight fine-tuned, no adapter)",
+}
 CONTINUAL_METRICS = {
     "MFT": "mean of each task's score right after training it",
     "MFN": "mean score over all tasks after the last stage ('Last')",
@@ -123,8 +128,8 @@ def build_model_card(info: dict[str, Any]) -> ModelCard:
             f"and {len(tasks)} tasks; results.json 'matrix' must have one row per stage and one column per task"
         )
     artifact = info.get("artifact", "adapter")
-    if artifact not in ("adapter", "merged"):
-        raise McitError(f"artifact must be 'adapter' or 'merged', got {artifact!r}")
+    if artifact not in ARTIFACTS:
+        raise McitError(f"artifact must be one of {', '.join(ARTIFACTS)}, got {artifact!r}")
     license_id = info.get("license")
     if not license_id:
         warnings.warn(
@@ -139,7 +144,7 @@ def build_model_card(info: dict[str, Any]) -> ModelCard:
         library_name="peft" if artifact == "adapter" else "transformers",
         license=license_id or "other",
         pipeline_tag=PIPELINE_TAG,
-        tags=list(TAGS),
+        tags=[tag for tag in TAGS if artifact != "full" or tag != "lora"],
         model_name=info["model_name"],
         eval_results=_eval_results(info) or None,
     )
@@ -189,7 +194,7 @@ def _eval_results(info: dict[str, Any]) -> list[EvalResult]:
 
 def _body(info: dict[str, Any], license_id: str | None) -> str:
     artifact, base, method = info.get("artifact", "adapter"), info["base_model"], info["method"]
-    what = "LoRA adapter (PEFT)" if artifact == "adapter" else "full model with the LoRA merged into the weights"
+    what = ARTIFACTS[artifact]
     sequence = " → ".join(info["tasks"])
     lines = [
         f"# {info['model_name']}",
@@ -212,9 +217,13 @@ def _body(info: dict[str, Any], license_id: str | None) -> str:
     merge = info.get("merge")
     lines += ["", "## Merging", ""]
     if merge:
-        lines.append(f"The per-task LoRAs were merged into this single adapter with **{merge}** (`mcit.export.merge`).")
+        lines.append(f"The per-task LoRAs were merged into this single adapter with **{merge}** (`mcit.export.merge`). "
+                     "The scores below were measured on the run's own model, before merging; evaluate this export "
+                     "with `mcit eval` to measure what the merge kept.")
+    elif artifact == "full":
+        lines.append("No merging: every weight of the language model was trained; this is the model as trained.")
     else:
-        lines.append("No merging: this is the adapter as trained after the last task.")
+        lines.append("No merging: this is the adapter as trained, after its last training stage.")
     lines += [
         "",
         "## Results",
@@ -242,12 +251,24 @@ def _body(info: dict[str, Any], license_id: str | None) -> str:
             f'processor = AutoProcessor.from_pretrained("{base}")',
             "```",
         ]
+    elif artifact != "adapter" and info.get("repo_id"):
+        lines += [
+            "",
+            "## Usage",
+            "",
+            "```python",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            "",
+            f'model = AutoModelForImageTextToText.from_pretrained("{info["repo_id"]}")',
+            f'processor = AutoProcessor.from_pretrained("{info["repo_id"]}")',
+            "```",
+        ]
     lines += ["", "## License", ""]
     if license_id:
         lines.append(f"`{license_id}`, subject to the license of the base model `{base}`.")
     else:
         lines.append(
-            f"Not specified by the training recipe. This {artifact} derives from `{base}`; its use is governed by "
+            f"Not specified by the training recipe. This {'adapter' if artifact == 'adapter' else 'model'} derives from `{base}`; its use is governed by "
             "the base model's license."
         )
     return "\n".join(lines) + "\n"

@@ -1,0 +1,237 @@
+"""Find and read one stage of a finished (or partly finished) run, for `mcit export`.
+
+A run folder holds `recipe.yaml`, `results.json` and `checkpoints/stage-XX-<label>/`; each stage folder holds
+`model.safetensors` (the method's model tensors under their PeftModel names), `method.json`, `adapter/` (PEFT's
+`save_pretrained` output: the `default` adapter at its root, any other adapter in `adapter/<name>/`) and, written
+last, `MANIFEST.json`. A folder without a valid manifest was interrupted while being written and is never exported.
+
+What the stage's `adapter/` folder does *not* hold: weights trained outside PEFT's adapters (the projector with
+`model.train_projector`, the vision tower with `model.train_vision`). They are in `model.safetensors` only, and
+`trained_modules` returns them so the export can ship them as PEFT `modules_to_save`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from mcit.config import Recipe, load_recipe
+from mcit.errors import CheckpointError, McitError
+from mcit.export.merge import is_lora_key
+from mcit.train import checkpoint as ckpt
+
+STAGE_FOLDER = re.compile(r"^stage-(?P<number>\d+)-(?P<label>.+)$")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Modules trained next to the adapters that PEFT can carry as `modules_to_save` (the names PEFT matches by suffix).
+SAVABLE_MODULES = ("multi_modal_projector", "vision_tower")
+
+
+@dataclass
+class Stage:
+    """One finished stage checkpoint and what the export needs from its run."""
+
+    run_dir: Path
+    folder: Path
+    number: int
+    label: str
+    recipe: Recipe
+    results: dict[str, Any] | None
+    meta: dict[str, Any]
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def method(self) -> str:
+        return str(self.meta.get("method") or self.recipe.method.name)
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """The stage's `model.safetensors` (loaded once)."""
+        if self._tensors is None:
+            self._tensors = ckpt.load_tensors(self.folder / "model.safetensors")
+        return self._tensors
+
+    def adapters(self) -> dict[str, Path]:
+        """Adapter name -> folder with adapter_config.json, in natural order (task_2 before task_10)."""
+        return adapter_folders(self.folder / "adapter")
+
+    def trained_modules(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """(tensors, module names) trained outside the adapters that a PEFT adapter can carry as modules_to_save.
+
+        Keys keep their PeftModel names (`base_model.model.model.multi_modal_projector.linear_1.weight`), which is
+        exactly how PEFT stores a `modules_to_save` module in adapter_model.safetensors. Other non-LoRA tensors (a
+        method's own buffers) have no place in a plain PEFT adapter: they are named in a warning and left out.
+        """
+        kept: dict[str, torch.Tensor] = {}
+        modules: set[str] = set()
+        dropped = []
+        for key, value in self.model_tensors().items():
+            if is_lora_key(key) or ".modules_to_save." in key or ".original_module." in key:
+                continue  # adapter weights, or modules PEFT already saved in adapter/
+            module = next((m for m in SAVABLE_MODULES if f".{m}." in f".{key}"), None)
+            if module is None:
+                dropped.append(key)
+            else:
+                kept[key] = value
+                modules.add(module)
+        if dropped:
+            warnings.warn(
+                f"{self.folder.name}/model.safetensors: {len(dropped)} tensor(s) are neither LoRA weights nor a "
+                f"module PEFT can save (e.g. {dropped[0]!r}); a plain PEFT adapter cannot hold them, so the export "
+                "leaves them out",
+                UserWarning,
+                stacklevel=2,
+            )
+        return kept, sorted(modules)
+
+    def card_results(self) -> dict[str, Any]:
+        """results.json cut to the rows up to this stage, metrics recomputed for them; missing rows become `None`s.
+
+        An intermediate stage's card must describe that stage's model, not the end of the run.
+        """
+        if self.results is None:
+            raise CheckpointError(
+                f"{self.run_dir / 'results.json'} is missing: the model card needs the run's task order and scores; "
+                "run `mcit train` on the same recipe again to finish the evaluation"
+            )
+        results = dict(self.results)
+        tasks, stages = results.get("tasks") or [], results.get("stages") or []
+        if len(stages) <= self.number:
+            raise CheckpointError(
+                f"{self.run_dir / 'results.json'} lists {len(stages)} rows (stages) but the export is of stage "
+                f"{self.number}; the results belong to another run"
+            )
+        rows = self.number + 1
+        matrix = [row if row is not None else [None] * len(tasks) for row in results.get("matrix", [])[:rows]]
+        results.update(stages=stages[:rows], matrix=matrix, stage_tasks=(results.get("stage_tasks") or [])[:rows])
+        if rows < len(stages) or not results.get("metrics"):
+            results["metrics"] = _metrics(matrix, results["stage_tasks"])
+        return results
+
+
+def find_stage(path: str | Path, stage: str | int = "last") -> Stage:
+    """Resolve a run folder (+ `stage`: a 1-based number or "last") or a stage folder to a complete `Stage`."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise McitError(f"{path} does not exist or is not a folder; give a run folder or a checkpoints/stage-XX-* one")
+    if _is_stage_folder(path):
+        folder, run_dir = path, path.parent.parent
+        number = int(STAGE_FOLDER.match(path.name)["number"]) if STAGE_FOLDER.match(path.name) else None
+        if stage != "last" and number is not None and _stage_number(stage) != number:
+            raise McitError(f"--stage {stage} does not match the stage folder {path.name}; drop --stage or give the "
+                            "run folder")
+    elif (path / "checkpoints").is_dir() or (path / "recipe.yaml").is_file():
+        run_dir = path
+        folder = _pick_stage(run_dir, stage)
+    else:
+        raise McitError(
+            f"{path} is neither a run folder (recipe.yaml, checkpoints/) nor a stage checkpoint "
+            "(checkpoints/stage-XX-<task>/ with MANIFEST.json); give the output_dir of a `mcit train` run"
+        )
+    if not (folder / ckpt.MANIFEST).is_file():
+        raise CheckpointError(
+            f"{folder} has no {ckpt.MANIFEST}: the checkpoint is incomplete (interrupted while being written); "
+            "export an earlier stage with --stage, or resume the run with `mcit train` to rewrite it"
+        )
+    ckpt.open_checkpoint(folder)  # every file present with its recorded size and hash
+    recipe_path = run_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise CheckpointError(f"{folder}: the run's recipe.yaml is missing from {run_dir}; it names the base model")
+    meta_path = folder / "method.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    match = STAGE_FOLDER.match(folder.name)
+    number = int(meta.get("stage") or (match["number"] if match else 0))
+    label = str(meta.get("task") or (match["label"] if match else folder.name))
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else None
+    return Stage(run_dir, folder, number, label, load_recipe(recipe_path), results, meta)
+
+
+def stage_folders(run_dir: Path) -> dict[int, Path]:
+    """Stage number -> folder for every `checkpoints/stage-XX-*` of a run (complete or not)."""
+    folders = {}
+    for path in sorted((run_dir / "checkpoints").glob("stage-*")):
+        match = STAGE_FOLDER.match(path.name)
+        if match and path.is_dir():
+            folders[int(match["number"])] = path
+    return folders
+
+
+def adapter_folders(root: Path) -> dict[str, Path]:
+    """PEFT's multi-adapter layout: `default` at the root, every other adapter in a subfolder of its name."""
+    found = {}
+    if (root / ADAPTER_CONFIG).is_file():
+        found["default"] = root
+    if root.is_dir():
+        for sub in root.iterdir():
+            if sub.is_dir() and (sub / ADAPTER_CONFIG).is_file():
+                found[sub.name] = sub
+    return {name: found[name] for name in sorted(found, key=natural_key)}
+
+
+def load_adapter(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(LoraConfig, state dict) of a saved PEFT adapter; refuses other PEFT types and ZeRO-3 placeholders."""
+    from peft import PeftConfig, PeftType
+
+    config = PeftConfig.from_pretrained(str(folder))
+    if config.peft_type != PeftType.LORA:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: peft_type is {config.peft_type}; only LoRA is exported")
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    state = load_file(str(weights))
+    empty = [key for key, value in state.items() if value.numel() == 0]
+    if empty:
+        raise CheckpointError(
+            f"{weights}: {empty[0]!r} is empty, the placeholder of a ZeRO-3 partitioned weight; the checkpoint was "
+            "saved without gathering the parameters and cannot be exported"
+        )
+    return config, state
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders task_2 before task_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _is_stage_folder(path: Path) -> bool:
+    return bool(STAGE_FOLDER.match(path.name)) or any(
+        (path / name).exists() for name in ("method.json", "model.safetensors", ckpt.MANIFEST)
+    )
+
+
+def _pick_stage(run_dir: Path, stage: str | int) -> Path:
+    folders = stage_folders(run_dir)
+    if not folders:
+        raise McitError(f"{run_dir} has no checkpoints/stage-XX-* folder yet: no stage has finished training")
+    available = ", ".join(path.name for path in folders.values())
+    if stage == "last":
+        return folders[max(folders)]
+    number = _stage_number(stage)
+    if number == 0:
+        raise McitError("--stage 0 is the zero-shot base model, which has nothing to export; stages: " + available)
+    if number not in folders:
+        raise McitError(f"--stage {number}: {run_dir.name} has no such stage; its stages are {available}")
+    return folders[number]
+
+
+def _stage_number(stage: str | int) -> int:
+    try:
+        return int(stage)
+    except ValueError:
+        raise McitError(f"--stage {stage!r}: expected a stage number (as in stage-XX) or 'last'") from None
+
+
+def _metrics(matrix: list, stage_tasks: list) -> dict[str, Any]:
+    from mcit.evaluation.metrics import continual_metrics
+
+    try:
+        return continual_metrics(matrix, stage_tasks)
+    except McitError:  # a malformed or partial results.json: the card shows the matrix without metrics
+        return {}
