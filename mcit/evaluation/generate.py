@@ -1,0 +1,213 @@
+"""Batched greedy generation and candidate likelihoods: the two ways evaluation asks a model for an answer.
+
+Both take prompts from `Encoder`, so evaluation sees exactly the tokens training saw. Batches are built here rather
+than with `collate` because generation needs LEFT padding (every row's next token is at the same column) and the
+position ids of a left-padded row must start at its first real token, as `model.generate` computes them from the
+attention mask. Samples are sorted by prompt length so a batch carries little padding, and image and text-only samples
+never share a batch (a LLaVA forward takes either pixel values for every image placeholder or none at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from mcit.data.collate import Encoder, PixelCache
+from mcit.data.records import Sample
+from mcit.errors import EvalError
+
+
+@contextlib.contextmanager
+def _inference(model) -> Iterator[None]:
+    """eval() + inference_mode for the body; every submodule's train/eval flag is restored afterwards (a frozen
+    vision tower may sit in eval mode inside a model that trains)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _autocast(dtype: torch.dtype | None, device: torch.device):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _batches(samples: Sequence[Sample], lengths: Sequence[int], sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices sorted by (has image, length) and cut into batches whose summed `sizes` stay within `budget` (a batch
+    holds at least one sample); a batch never mixes image and text-only samples."""
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].image is None, lengths[i]))
+    batches: list[list[int]] = []
+    used = 0
+    for i in order:
+        same_kind = batches and (samples[i].image is None) == (samples[batches[-1][0]].image is None)
+        if same_kind and used + sizes[i] <= budget:
+            batches[-1].append(i)
+            used += sizes[i]
+        else:
+            batches.append([i])
+            used = sizes[i]
+    return batches
+
+
+def _progress(batches: list[list[int]], description: str | None):
+    if description is None:
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, desc=description, unit="batch")
+
+
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, side: str) -> dict[str, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        where = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        input_ids[r, where] = torch.tensor(row, dtype=torch.long)
+        attention[r, where] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+
+
+def _images(samples: Sequence[Sample], batch: list[int], pixels: PixelCache, device: torch.device) -> dict:
+    paths = [samples[i].image for i in batch]
+    return {"pixel_values": pixels(paths).to(device)} if paths[0] is not None else {}
+
+
+def _pad_id(encoder: Encoder) -> int:
+    tokenizer = encoder.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise EvalError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token; set pad_token")
+    return pad
+
+
+def generate(model, encoder: Encoder, samples: Sequence[Sample], pixels: PixelCache, *, batch_size: int = 64,
+             max_new_tokens: int = 48, autocast: torch.dtype | None = None, progress: str | None = None) -> list[str]:
+    """Greedy answers (KV cache, stop at EOS or `max_new_tokens`), decoded without special tokens and stripped, in
+    the order of `samples`.
+
+    EOS comes from the model's generation config (chat models may list several end-of-turn ids there), falling back
+    to the tokenizer's. Each answer is cut at its first EOS explicitly: an end-of-turn id need not be a special token
+    that decoding drops, and finished rows are filled with padding after it. Batching does not change the answers:
+    left padding plus mask-derived position ids make each row compute what it would alone, up to float rounding.
+    """
+    prompts = [encoder.prompt_ids(sample) for sample in samples]
+    pad_id = _pad_id(encoder)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else encoder.tokenizer.eos_token_id
+    stops = set(eos) if isinstance(eos, list | tuple) else {eos}
+    device = next(model.parameters()).device
+    answers = [""] * len(samples)
+    batches = _batches(samples, [len(p) for p in prompts], [1] * len(samples), batch_size)
+    with _inference(model):
+        for batch in _progress(batches, progress):
+            inputs = _padded([prompts[i] for i in batch], pad_id, device, "left")
+            with _autocast(autocast, device):
+                out = model.generate(**inputs, **_images(samples, batch, pixels, device), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
+            for i, row in zip(batch, out[:, inputs["input_ids"].shape[1]:].tolist(), strict=True):
+                end = next((k for k, token in enumerate(row) if token in stops), len(row))
+                answers[i] = encoder.tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+    return answers
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split(encoder: Encoder, sample: Sample, candidates: Sequence[str],
+           index: int) -> tuple[list[int], list[list[int]]]:
+    """The shared context and each candidate's continuation tokens.
+
+    A candidate is scored as training would tokenize it: the whole conversation is rendered with the candidate as the
+    last answer (so the end-of-turn token follows), tokenized once, and the continuation is everything after the
+    longest prefix shared with the generation prompt. Tokenizing the candidate alone would differ where sentencepiece
+    merges across the prompt/answer boundary.
+    """
+    if not candidates:
+        raise EvalError(f"sample {index} ({sample.id!r}): empty candidate list")
+    if not sample.turns:
+        raise EvalError(f"sample {index} ({sample.id!r}): no conversation turns to score candidates against")
+    prompt = encoder.prompt_ids(sample)
+    fulls = []
+    for candidate in candidates:
+        answered = dataclasses.replace(sample, turns=[*sample.turns[:-1], (sample.turns[-1][0], candidate)])
+        ids = encoder.encode(answered).input_ids
+        if len(ids) >= encoder.max_length:
+            raise EvalError(f"sample {index} ({sample.id!r}), candidate {candidate!r}: prompt + answer reaches "
+                            f"max_length {encoder.max_length}; raise train.max_length so the candidate is not cut")
+        fulls.append(ids)
+    shared = min(_common_prefix(prompt, ids) for ids in fulls)
+    if shared == 0:
+        raise EvalError(f"sample {index} ({sample.id!r}): the prompt shares no tokens with its answered conversation; "
+                        "the chat template does not render the prompt as a prefix of the conversation")
+    return prompt[:shared], [ids[shared:] for ids in fulls]
+
+
+def candidate_logprobs(model, encoder: Encoder, samples: Sequence[Sample], candidates: Sequence[Sequence[str]],
+                       pixels: PixelCache, *, batch_size: int = 64, autocast: torch.dtype | None = None,
+                       progress: str | None = None) -> list[list[float]]:
+    """Summed log-probability of each candidate answer (its tokens and the end-of-turn token) given the prompt.
+
+    The prompt (image included) runs once per sample; its KV cache is then copied to one row per candidate and only
+    the candidate tokens run on top of it, so K candidates cost one prompt pass, not K. `batch_size` counts
+    sample x candidate pairs.
+    """
+    if len(candidates) != len(samples):
+        raise EvalError(f"candidate_logprobs: {len(samples)} samples but {len(candidates)} candidate lists")
+    split = [_split(encoder, s, c, i) for i, (s, c) in enumerate(zip(samples, candidates))]
+    pad_id = _pad_id(encoder)
+    device = next(model.parameters()).device
+    scores: list[list[float]] = [[] for _ in samples]
+    batches = _batches(samples, [len(context) for context, _ in split], [len(c) for c in candidates], batch_size)
+    with _inference(model), _autocast(autocast, device):
+        for batch in _progress(batches, progress):
+            prompt = _padded([split[i][0] for i in batch], pad_id, device, "left")
+            prompt.update(_images(samples, batch, pixels, device))
+            answers = _padded([cont for i in batch for cont in split[i][1]], pad_id, device, "right")
+            rows = [r for r, i in enumerate(batch) for _ in split[i][1]]  # the prompt row of each answer row
+            values = _continuation_logprobs(model, prompt, answers, torch.tensor(rows, device=device)).tolist()
+            for r, value in zip(rows, values, strict=True):
+                scores[batch[r]].append(value)
+    return scores
+
+
+def _continuation_logprobs(model, prompt: dict, answers: dict, rows: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities of the right-padded `answers` after the left-padded `prompt` rows they index."""
+    mask = prompt["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives, so left padding shifts nothing
+    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
+    tokens, valid = answers["input_ids"], answers["attention_mask"]
+    total = out.logits[:, -1].float().log_softmax(-1)[rows].gather(1, tokens[:, :1]).squeeze(1)
+    if tokens.shape[1] > 1:
+        cache = out.past_key_values
+        cache.reorder_cache(rows)  # one copy of the prompt's keys/values per candidate
+        steps = torch.arange(tokens.shape[1] - 1, device=tokens.device)
+        logits = model(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[rows], valid[:, :-1]], dim=1),
+                       position_ids=positions[rows, -1:] + 1 + steps, past_key_values=cache, use_cache=False).logits
+        picked = logits.float().log_softmax(-1).gather(2, tokens[:, 1:, None]).squeeze(2)
+        total = total + (picked * valid[:, 1:]).sum(1)
+    return total
+
+
+def constrained_predictions(logprobs: Sequence[Sequence[float]], candidates: Sequence[Sequence[str]]) -> list[str]:
+    """The most likely candidate per sample; ties go to the earliest candidate in the list."""
+    if len(logprobs) != len(candidates):
+        raise EvalError(f"constrained_predictions: {len(logprobs)} score lists but {len(candidates)} candidate lists")
+    picks = []
+    for index, (scores, cands) in enumerate(zip(logprobs, candidates)):
+        if len(scores) != len(cands) or not cands:
+            raise EvalError(f"sample {index}: {len(scores)} scores for {len(cands)} candidates")
+        picks.append(cands[max(range(len(cands)), key=lambda k: (scores[k], -k))])
+    return picks
