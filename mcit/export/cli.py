@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 import mcit
@@ -38,6 +39,7 @@ from mcit.errors import CheckpointError, McitError
 from mcit.export.merge import (
     DEFAULT_DENSITY,
     METHODS,
+    lowrank_factors,
     merge_loras,
     merge_non_lora,
     merged_lora_config,
@@ -127,7 +129,7 @@ def export_stage(stage: Stage, out: Path, *, merge: str | None = None, weights: 
     elif full:
         with tempfile.TemporaryDirectory(prefix="mcit-export-") as adapter_dir:
             provenance["merge"] = write_adapter(stage, Path(adapter_dir), merge, weights, density, adapters,
-                                                base_model)
+                                                base_model, fold_base=False)
             _write_full_model(stage, out, Path(adapter_dir), dtype)
     else:
         provenance["merge"] = write_adapter(stage, out, merge, weights, density, adapters, base_model)
@@ -140,8 +142,12 @@ def export_stage(stage: Stage, out: Path, *, merge: str | None = None, weights: 
 
 
 def write_adapter(stage: Stage, out: Path, merge: str | None, weights: list[float] | None, density: float | None,
-                  adapters: list[str] | None, base_model: str) -> dict[str, Any] | None:
-    """Write one PEFT adapter for `stage` into `out`; return the merge record (None when nothing was merged)."""
+                  adapters: list[str] | None, base_model: str, fold_base: bool = True) -> dict[str, Any] | None:
+    """Write one PEFT adapter for `stage` into `out`; return the merge record (None when nothing was merged).
+
+    With `fold_base`, base weights the method changed (RegLoRA) are carried in the adapter as low-rank factors
+    (`fold_base_changes`); without it (the --full path, which applies them exactly) the adapter is left as trained.
+    """
     from safetensors.torch import save_file
 
     found = stage.adapters()
@@ -172,17 +178,71 @@ def write_adapter(stage: Stage, out: Path, merge: str | None, weights: list[floa
         config, state = merge_adapters(list(loaded.values()), merge, weights, density, seed=stage.recipe.seed)
         record = {"method": merge, "adapters": list(loaded), "weights": weights,
                   "density": None if merge in ("linear", "cat") else (density or DEFAULT_DENSITY)}
-    extras, modules = stage.trained_modules()
+    extras = stage.extra_tensors()
+    if extras.base_weights and fold_base:
+        config, state, fold = fold_base_changes(stage, config, state, extras.base_weights)
+        record = {**(record or {}), "base_changes": fold}
+        record.setdefault("method", f"svd of the base-weight changes (rank {fold['rank']})")
     config = copy.deepcopy(config)
     config.base_model_name_or_path = base_model
     config.revision = stage.recipe.model.revision
     config.inference_mode = True
-    if modules:
-        config.modules_to_save = sorted(set(config.modules_to_save or []) | set(modules))
+    if extras.modules:
+        config.modules_to_save = sorted(set(config.modules_to_save or []) | set(extras.modules))
     config.save_pretrained(str(out))
-    save_file({k: v.contiguous() for k, v in {**state, **extras}.items()}, str(out / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+    tensors = {**state, **extras.modules_to_save}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return record
+
+
+def fold_base_changes(stage: Stage, config: Any, state: dict, base_weights: dict) -> tuple[Any, dict, dict]:
+    """Carry base weights changed by the method (RegLoRA's merges) in the adapter: (config, state, record).
+
+    The change W_stage - W_base of every adapted matrix becomes a LoRA of rank stage*r by truncated SVD (one rank-r
+    merge per finished stage, so exact up to rounding in fp32), concatenated along the rank with the adapter as
+    trained (`cat`: the sum of both updates). In a bf16 run the merged weights were rounded, so the change is not
+    exactly low-rank; the record's `residual` (relative, worst matrix) says how close the adapter is, and a warning
+    points to --full for the exact model.
+    """
+    from mcit.models.loading import load_base
+
+    bad = [key for key in base_weights if not key.endswith(".weight")]
+    if bad:
+        raise McitError(f"{stage.folder.name}: the method changed {bad[0]!r}, which a LoRA cannot carry; use --full")
+    cfg = copy.deepcopy(stage.recipe.model)
+    cfg.gradient_checkpointing = False
+    base, _ = load_base(cfg)  # in the run's dtype: the change is measured against the weights the run started from
+    rank = stage.number * config.r
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    lora, rest = split_lora_state(state)
+    changes: dict = {}
+    used, worst = set(), 0.0
+    for a_key, value in lora.items():
+        if ".lora_A." not in a_key:
+            continue
+        b_key = a_key.replace(".lora_A.", ".lora_B.")
+        name = a_key.removeprefix("base_model.model.").replace(".lora_A.", ".").rsplit(".", 1)[0] + ".weight"
+        if name in base_weights:
+            original = base.get_parameter(name)
+            A, B, residual = lowrank_factors(base_weights[name].float() - original.float(), rank)
+            used.add(name)
+            worst = max(worst, residual)
+        else:
+            A, B = torch.zeros(rank, value.shape[1]), torch.zeros(lora[b_key].shape[0], rank)
+        changes[a_key], changes[b_key] = A.to(value.dtype), B.to(value.dtype)
+    missing = sorted(set(base_weights) - used)
+    if missing:
+        raise McitError(f"{stage.folder.name}: the base weight {missing[0]!r} changed but no adapter wraps it; use "
+                        "--full to export the exact model")
+    del base
+    merged = merge_loras([changes, lora], "cat", [1.0, 1.0], scaling=[1.0, scaling])
+    if worst > 1e-3:
+        warnings.warn(f"{stage.folder.name}: the changed base weights are carried at rank {rank} with a relative "
+                      f"error of up to {worst:.1e} (a bf16 run rounds its merges); --full exports the exact model",
+                      UserWarning, stacklevel=3)
+    new_rank = rank + config.r
+    return merged_lora_config(config, new_rank), {**merged, **rest}, {"rank": rank, "residual": worst,
+                                                                      "matrices": len(used)}
 
 
 def merge_adapters(loaded: list[tuple[Any, dict]], method: str, weights: list[float] | None, density: float | None,
@@ -220,6 +280,12 @@ def _write_full_model(stage: Stage, out: Path, adapter_dir: Path | None, dtype: 
     target = TORCH_DTYPES[dtype or cfg.dtype]
     cfg.dtype, cfg.gradient_checkpointing = "fp32", False  # merge in fp32, cast once at the end
     model, processor = load_base(cfg)
+    base_weights = stage.extra_tensors().base_weights if adapter_dir is not None else {}
+    if base_weights:  # the method changed base weights (RegLoRA's merges): put them in before the adapter
+        unexpected = model.load_state_dict(base_weights, strict=False).unexpected_keys
+        if unexpected:
+            raise CheckpointError(f"{stage.folder / 'model.safetensors'}: changed base weight {unexpected[0]!r} is "
+                                  f"not a weight of the base model {cfg.name_or_path}")
     if adapter_dir is None:
         state = stage.model_tensors()
         result = model.load_state_dict(state, strict=False)

@@ -168,6 +168,43 @@ def merge_non_lora(states: Sequence[StateDict], weights: Sequence[float] | None 
     return out
 
 
+def lowrank_factors(
+    delta: Tensor, rank: int, oversample: int = 8, power_iterations: int = 2
+) -> tuple[Tensor, Tensor, float]:
+    """(A, B, relative residual) with B @ A the best rank-`rank` approximation of `delta` (truncated SVD).
+
+    Carries a dense weight change as a LoRA served with scaling 1, e.g. the base weights of a method that merged its
+    per-task LoRAs into the base (RegLoRA): k merged rank-r updates have rank <= k*r, so at that rank the factors are
+    exact up to float rounding; the residual ||delta - B A|| / ||delta|| says how far from exact they are.
+
+    The top singular vectors come from a seeded randomized range finder (rank + `oversample` probes, a few power
+    iterations), then an exact SVD of the small projected matrix: for a change of rank <= `rank` the probes span its
+    whole range, so the result is the exact truncated SVD, at a fraction of the cost of a full SVD of a 4096 x 11008
+    matrix. The singular values are split evenly (sqrt on both sides) so A and B have comparable scales; fewer
+    singular values than `rank` are padded with zero rows/columns to keep the requested rank.
+    """
+    delta = delta.detach().float()
+    rows, cols = delta.shape
+    probes = min(rank + oversample, rows, cols)
+    if probes == min(rows, cols):
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        Q = torch.linalg.qr(delta @ torch.randn(cols, probes, generator=generator)).Q
+        for _ in range(power_iterations):  # sharpen the range when the spectrum decays slowly (bf16 rounding noise)
+            Q = torch.linalg.qr(delta @ torch.linalg.qr(delta.T @ Q).Q).Q
+        U_small, S, Vh = torch.linalg.svd(Q.T @ delta, full_matrices=False)
+        U = Q @ U_small
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    A = torch.zeros(rank, cols)
+    B = torch.zeros(rows, rank)
+    A[:k], B[:, :k] = root[:, None] * Vh[:k], U[:, :k] * root[None, :]
+    norm = torch.linalg.norm(delta)
+    residual = float(torch.linalg.norm(delta - B @ A) / norm) if norm > 0 else 0.0
+    return A, B, residual
+
+
 def merged_lora_config(config: Any, rank: int) -> Any:
     """The LoraConfig to save next to a merged adapter: rank r_out, lora_alpha = r_out, no rsLoRA, no patterns."""
     return replace(config, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})

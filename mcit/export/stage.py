@@ -6,8 +6,8 @@ A run folder holds `recipe.yaml`, `results.json` and `checkpoints/stage-XX-<labe
 last, `MANIFEST.json`. A folder without a valid manifest was interrupted while being written and is never exported.
 
 What the stage's `adapter/` folder does *not* hold: weights trained outside PEFT's adapters (the projector with
-`model.train_projector`, the vision tower with `model.train_vision`). They are in `model.safetensors` only, and
-`trained_modules` returns them so the export can ship them as PEFT `modules_to_save`.
+`model.train_projector`, the vision tower with `model.train_vision`) and base weights a method changed (RegLoRA's
+merges). They are in `model.safetensors` only; `Stage.extra_tensors` sorts them out for the export.
 """
 
 from __future__ import annotations
@@ -32,6 +32,24 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Modules trained next to the adapters that PEFT can carry as `modules_to_save` (the names PEFT matches by suffix).
 SAVABLE_MODULES = ("multi_modal_projector", "vision_tower")
+
+
+@dataclass
+class Extras:
+    """The non-LoRA tensors of a stage's `model.safetensors`, by what an export does with them.
+
+    - `modules_to_save`: modules trained next to the adapters (the projector, the vision tower) under their PeftModel
+      names (`base_model.model.model.multi_modal_projector.linear_1.weight`), exactly how PEFT stores a
+      `modules_to_save` module in adapter_model.safetensors; `modules` are their names for the adapter config.
+    - `base_weights`: base weights of adapted layers that the method changed (RegLoRA merges each task's LoRA into
+      the base), under the bare model's names (`model.language_model.layers.0.self_attn.q_proj.weight`).
+    - `dropped`: anything else (a method's own buffers), which no plain PEFT adapter or transformers model can hold.
+    """
+
+    modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,34 +79,31 @@ class Stage:
         """Adapter name -> folder with adapter_config.json, in natural order (task_2 before task_10)."""
         return adapter_folders(self.folder / "adapter")
 
-    def trained_modules(self) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """(tensors, module names) trained outside the adapters that a PEFT adapter can carry as modules_to_save.
-
-        Keys keep their PeftModel names (`base_model.model.model.multi_modal_projector.linear_1.weight`), which is
-        exactly how PEFT stores a `modules_to_save` module in adapter_model.safetensors. Other non-LoRA tensors (a
-        method's own buffers) have no place in a plain PEFT adapter: they are named in a warning and left out.
-        """
-        kept: dict[str, torch.Tensor] = {}
+    def extra_tensors(self) -> Extras:
+        """Sort the non-LoRA tensors of `model.safetensors` by what an export can do with them (see `Extras`)."""
+        extras = Extras()
         modules: set[str] = set()
-        dropped = []
         for key, value in self.model_tensors().items():
             if is_lora_key(key) or ".modules_to_save." in key or ".original_module." in key:
                 continue  # adapter weights, or modules PEFT already saved in adapter/
+            if ".base_layer." in key:
+                extras.base_weights[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
+                continue
             module = next((m for m in SAVABLE_MODULES if f".{m}." in f".{key}"), None)
             if module is None:
-                dropped.append(key)
+                extras.dropped.append(key)
             else:
-                kept[key] = value
+                extras.modules_to_save[key] = value
                 modules.add(module)
-        if dropped:
+        extras.modules = sorted(modules)
+        if extras.dropped:
             warnings.warn(
-                f"{self.folder.name}/model.safetensors: {len(dropped)} tensor(s) are neither LoRA weights nor a "
-                f"module PEFT can save (e.g. {dropped[0]!r}); a plain PEFT adapter cannot hold them, so the export "
-                "leaves them out",
+                f"{self.folder.name}/model.safetensors: {len(extras.dropped)} tensor(s) are neither LoRA weights, "
+                f"base weights nor a module PEFT can save (e.g. {extras.dropped[0]!r}); the export leaves them out",
                 UserWarning,
                 stacklevel=2,
             )
-        return kept, sorted(modules)
+        return extras
 
     def card_results(self) -> dict[str, Any]:
         """results.json cut to the rows up to this stage, metrics recomputed for them; missing rows become `None`s.

@@ -44,12 +44,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # --- building run folders the way the runner writes them ------------------------------------------------------------
 
 
-def make_recipe(run_dir: Path, **model):
+def make_recipe(run_dir: Path, method: str = "lora_ft", **model):
     return recipe_from_dict({
         "name": "export-test", "output_dir": str(run_dir), "seed": 0,
         "model": {"name_or_path": "builtin:tiny-llava-init", **model},
         "benchmark": {"card": "synthcit-mini", "tasks": TASKS},
-        "method": {"name": "lora_ft", "lora": {"r": 4, "alpha": 8}},
+        "method": {"name": method, "lora": {"r": 4, "alpha": 8}},
     })
 
 
@@ -82,11 +82,11 @@ def write_results(run_dir: Path, recipe, tasks=TASKS, matrix=MATRIX) -> None:
     (run_dir / "env.json").write_text(json.dumps({"python": sys.version.split()[0]}))
 
 
-def new_run(tmp_path_factory, name: str, adapters: tuple[str, ...] = (), **model):
+def new_run(tmp_path_factory, name: str, adapters: tuple[str, ...] = (), method: str = "lora_ft", **model):
     """A run folder with its recipe, and the model as the method sets it up (or with the named LoRA experts)."""
     run_dir = tmp_path_factory.mktemp(name) / "run"
     run_dir.mkdir()
-    recipe = make_recipe(run_dir, **model)
+    recipe = make_recipe(run_dir, method, **model)
     save_recipe(recipe, run_dir / "recipe.yaml")
     model, processor = load_base(recipe.model)
     method = build_method(recipe)
@@ -131,6 +131,22 @@ def experts_run(tmp_path_factory):
     write_results(run_dir, recipe)
     model.base_model.set_adapter(["task_0", "task_1"])  # both active: the forward sums the two experts
     return SimpleNamespace(run=run_dir, inputs=model_inputs(processor), summed=logits(model, model_inputs(processor)))
+
+
+@pytest.fixture(scope="module")
+def reglora_run(tmp_path_factory):
+    """RegLoRA: each stage's LoRA is merged into the base weights, which model.safetensors then holds."""
+    run_dir, recipe, method, model, processor = new_run(tmp_path_factory, "reglora-run", method="reglora")
+    data = TaskData(TASKS, {}, {})
+    for stage, label in enumerate(TASKS, start=1):
+        perturb(model, lambda n: "lora_" in n, seed=10 + stage)
+        method.after_task(model, stage - 1, [stage - 1], data)  # W <- W + dW, fresh LoRA
+        if stage == len(TASKS):  # an adapter that is not zero, so that both parts of the export must add up
+            perturb(model, lambda n: "lora_" in n, seed=20)
+        save_stage(run_dir, model, method, stage, label)
+    write_results(run_dir, recipe)
+    inputs = model_inputs(processor)
+    return SimpleNamespace(run=run_dir, inputs=inputs, logits=logits(model, inputs))
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +278,44 @@ def test_task_experts_need_a_merge_and_cat_is_their_exact_sum(experts_run, tmp_p
                       "adapter_model.safetensors")
     exported = load_file(out / "adapter_model.safetensors")
     assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
+
+
+def test_base_weights_merged_by_the_method_travel_in_the_adapter_and_the_full_model(reglora_run, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "adapter"
+    export(reglora_run.run, "--out", out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (12, 12)  # two merged rank-4 updates + the current rank-4 LoRA
+    torch.testing.assert_close(logits(load_adapter_plainly(out), reglora_run.inputs), reglora_run.logits,
+                               rtol=0, atol=1e-4)
+    fold = json.loads((out / "PROVENANCE.json").read_text())["merge"]["base_changes"]
+    assert fold["rank"] == 8 and fold["residual"] < 1e-5 and fold["matrices"] == 28
+
+    full = tmp_path / "full"
+    export(reglora_run.run, "--out", full, "--full")
+    model = LlavaForConditionalGeneration.from_pretrained(full).eval()
+    torch.testing.assert_close(logits(model, reglora_run.inputs), reglora_run.logits, rtol=0, atol=1e-4)
+
+
+def test_lowrank_factors_are_exact_at_the_rank_of_the_change():
+    from mcit.export.merge import lowrank_factors
+
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(9, 3, generator=gen) @ torch.randn(3, 7, generator=gen)  # rank 3
+    A, B, residual = lowrank_factors(delta, 5)  # more rank than needed: zero-padded
+    assert A.shape == (5, 7) and B.shape == (9, 5) and residual < 1e-6
+    torch.testing.assert_close(B @ A, delta, rtol=0, atol=1e-5)
+    singular = torch.linalg.svdvals(delta)
+    _, _, residual = lowrank_factors(delta, 2)
+    assert residual == pytest.approx(float(singular[2] / singular.norm()), rel=1e-4)
+    # a big matrix goes through the randomized range finder: still exact at its rank, and reproducible
+    big = torch.randn(300, 6, generator=gen) @ torch.randn(6, 500, generator=gen)
+    A, B, residual = lowrank_factors(big, 8)
+    assert residual < 1e-5 and torch.equal(A, lowrank_factors(big, 8)[0])
+    _, _, residual = lowrank_factors(big, 5)
+    singular = torch.linalg.svdvals(big)
+    assert residual == pytest.approx(float(singular[5] / singular.norm()), rel=1e-3)
 
 
 # --- full models ----------------------------------------------------------------------------------------------------
