@@ -37,6 +37,7 @@ from mcit.methods.base import Method, TaskData, add_lora, set_lora_trainable
 from mcit.routing.prototypes import (
     FeatureExtractor,
     RouterOptions,
+    SampleFeatures,
     TaskPrototypes,
     check_router_options,
     routing_weights,
@@ -205,9 +206,11 @@ class SampleRouting:
 
     KEY_MARGIN = 3
 
-    def __init__(self, processor, max_length: int):
+    def __init__(self, processor, max_length: int, thumbnails: dict[str, torch.Tensor] | None = None):
         from mcit.data.collate import Encoder, PixelCache
 
+        self.thumbnails = {} if thumbnails is None else thumbnails
+        """Thumbnails by image path, shareable across evaluations (an image's pixels do not change)."""
         self.encoder = Encoder(processor, max_length)
         self.pixels = PixelCache(processor, keep=False)
         self.image_token_id = self.encoder.tokenizer.convert_tokens_to_ids(self.encoder.image_token)
@@ -240,15 +243,16 @@ class SampleRouting:
                     by_key.setdefault(key[:len(key) - cut], [])
                     shorter = by_key[key[:len(key) - cut]]
                     shorter += [r for r in rows if r not in shorter]
-        thumbs: dict[int, torch.Tensor] = {}
         for key, rows in by_key.items():
             distinct = any(not torch.allclose(self.weights[rows[0]], self.weights[r], atol=1e-6) for r in rows[1:])
             if distinct:
-                need = [r for r in rows if samples[r].image and r not in thumbs]
+                need = list(dict.fromkeys(samples[r].image for r in rows
+                                          if samples[r].image and samples[r].image not in self.thumbnails))
                 for start in range(0, len(need), 64):
                     chunk = need[start:start + 64]
-                    thumbs.update(zip(chunk, _thumbnails(self.pixels([samples[j].image for j in chunk]))))
-            self.table[key] = [(thumbs.get(r) if distinct else None, r) for r in rows]
+                    self.thumbnails.update(zip(chunk, _thumbnails(self.pixels(chunk))))
+            self.table[key] = [(self.thumbnails.get(samples[r].image) if distinct and samples[r].image else None, r)
+                               for r in rows]
         self.lengths = sorted({len(k) for k in self.table}, reverse=True)
 
     def _row(self, ids: list[int], thumb: Callable[[], torch.Tensor | None]) -> int | None:
@@ -400,6 +404,8 @@ class ExpertMethod(Method):
         self._extractor: FeatureExtractor | None = None
         self._routing = None
         self._routes: dict[tuple[str, str], tuple[str, str | None]] = {}
+        self._feature_cache: dict[tuple, tuple] = {}
+        self._thumbnails: dict[str, torch.Tensor] = {}
 
     # --- structure -------------------------------------------------------------------------------------------------
     def expert_name(self, index: int) -> str:
@@ -442,10 +448,26 @@ class ExpertMethod(Method):
     fusion: str = "sum_ba"
 
     # --- router ----------------------------------------------------------------------------------------------------
-    def _features(self, model, samples: Sequence[Sample]):
+    def _features(self, model, samples: Sequence[Sample]) -> SampleFeatures:
         if self._extractor is None:
             self._extractor = FeatureExtractor(self.options.router, model, self.ctx.processor)
         return self._extractor(samples)
+
+    def _eval_features(self, model, samples: Sequence[Sample]) -> SampleFeatures:
+        """Features of evaluation samples, cached for one evaluation row (generation and constrained scoring see the
+        same samples; `routing_report` clears the cache)."""
+        keys = [(s.task, s.id, s.image, s.question) for s in samples]
+        missing = [i for i, k in enumerate(keys) if k not in self._feature_cache]
+        if missing:
+            fresh = self._features(model, [samples[i] for i in missing])
+            for j, i in enumerate(missing):
+                self._feature_cache[keys[i]] = (
+                    None if fresh.image is None else fresh.image[j], bool(fresh.has_image[j]),
+                    None if fresh.text is None else fresh.text[j])
+        rows = [self._feature_cache[k] for k in keys]
+        image = None if rows[0][0] is None else torch.stack([r[0] for r in rows])
+        text = None if rows[0][2] is None else torch.stack([r[2] for r in rows])
+        return SampleFeatures(image=image, has_image=torch.tensor([r[1] for r in rows], dtype=torch.bool), text=text)
 
     def _prototype_samples(self, task: str, data: TaskData) -> list[Sample]:
         samples = list(data.train[task])
@@ -471,7 +493,7 @@ class ExpertMethod(Method):
         """(n, len(experts)) per-sample weights: softmax(cos / tau), or one-hot true expert in oracle mode."""
         opts: RouterOptions = self.options.router
         protos = self.expert_prototypes(experts)
-        scores = protos.similarity(self._features(model, samples), experts, use=opts.features)
+        scores = protos.similarity(self._eval_features(model, samples), experts, use=opts.features)
         weights = routing_weights(scores, opts.tau)
         if opts.mode == "oracle":
             for i, sample in enumerate(samples):
@@ -491,7 +513,7 @@ class ExpertMethod(Method):
         top = weights.argmax(dim=1).tolist()
         for sample, e in zip(samples, top):
             self._routes[(sample.task, sample.id)] = (experts[e], self.expert_of_task(sample.task))
-        routing = SampleRouting(self.ctx.processor, self.recipe.train.max_length)
+        routing = SampleRouting(self.ctx.processor, self.recipe.train.max_length, self._thumbnails)
         routing.register(samples, weights)
         fused = self._fused_layers(model)
         for e in sorted(set(top)):
@@ -506,6 +528,7 @@ class ExpertMethod(Method):
         lands on the diagonal; otherwise in the column of the routed expert's first task. `expert_confusion` keeps the
         raw true-task x expert counts.
         """
+        self._feature_cache = {}
         if not self._routes:
             return None
         experts = self.trained_experts()

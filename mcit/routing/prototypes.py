@@ -252,6 +252,18 @@ def _visible(params: Sequence[torch.Tensor]) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Features must not depend on whether the runner left the model in train mode (dropout)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class ModelFeatures:
     """Router features from the base model's own frozen vision tower and input embeddings."""
 
@@ -271,7 +283,7 @@ class ModelFeatures:
 
     def image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         params = list(self.vision.parameters())
-        with _visible(params):
+        with _visible(params), _eval_mode(self.vision):
             device, dtype = params[0].device, params[0].dtype
             out = self.vision(pixel_values.to(device, dtype), output_hidden_states=True)
             hidden = out.hidden_states[self.layer]
