@@ -191,3 +191,44 @@ def test_runner_trains_two_tasks_and_stores_keys_compactly(tmp_path, synthcit_ro
         assert set(k1.tolist()) <= set(keys2[name].tolist())
     losses = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "train" and r.get("stage") == 1 for r in losses)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_zero3_run_with_really_sharded_lora(tmp_path, synthcit_root):
+    """`mcit launch` at ZeRO-3 with persistence threshold 0, so every LoRA factor is sharded outside its forward."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    template = json.loads((Path(__file__).resolve().parents[2] / "launch" / "zero3.json").read_text())
+    template["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3-sharded.json").write_text(json.dumps(template))
+    out = tmp_path / "out"
+    path = write_recipe(tmp_path / "r.yaml", synthcit_root, output_dir=out,
+                        method={"name": "reglora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "reg_lambda": 100.0},
+                        benchmark={"max_train": 32, "max_test": 8}, eval={"constrained": False},
+                        train={"batch_size": 8, "save_steps": 0, "deepspeed": str(tmp_path / "zero3-sharded.json")})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "mcit.cli", "launch", str(path), "--nproc", "2", "--cpu",
+                           "--master-port", str(port)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert json.loads((out / "env.json").read_text())["world_size"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert all(row is not None for row in results["matrix"])
+    stages = [out / "checkpoints" / s for s in ("stage-01-shape", "stage-02-mc-color")]
+    weights = [load_file(str(s / "model.safetensors")) for s in stages]
+    keys = [load_file(str(s / "method.safetensors")) for s in stages]
+    base = next(k for k in weights[0] if k.endswith("q_proj.base_layer.weight"))
+    assert weights[0][base].shape == (256, 256)  # gathered full weights, not empty shards
+    assert not torch.equal(weights[0][base], weights[1][base])  # the second task was merged too
+    for name, k1 in keys[0].items():
+        assert set(k1.tolist()) <= set(keys[1][name].tolist())
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "train" and r.get("stage") == 1 for r in records)
