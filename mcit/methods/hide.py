@@ -57,6 +57,9 @@ class HiDeOptions:
     """In-run CKA: training samples per seen task in the probe set."""
     fusion: Literal["sum_b_sum_a", "sum_ba"] = "sum_b_sum_a"
     """Task-general fusion: the reference's (sum B)(sum A), or sum of B_i A_i."""
+    train_on_fused: bool = False
+    """While task t trains, task-general layers also add the (frozen, precomputed) fusion of experts 1..t-1, so the
+    new expert learns on top of what inference will add; off: each expert trains alone on the base."""
     router: RouterOptions = field(default_factory=lambda: RouterOptions(tau=0.1, features="both"))
 
 
@@ -86,6 +89,7 @@ class HiDeLLaVA(ExpertMethod):
         self.fusion = options.fusion
         self.expand_history: dict[str, list[int]] = {}
         self.cka_curve: dict[str, float] = {}
+        self._training_hooks: list = []
 
     # --- structure and training ------------------------------------------------------------------------------------
     def prepare(self, model, stage: int, task_ids: Sequence[int]) -> None:
@@ -95,12 +99,38 @@ class HiDeLLaVA(ExpertMethod):
 
     def before_task(self, model, stage: int, task_ids: Sequence[int], data: TaskData) -> None:
         name = self.expert_name(stage)
+        previous = [e for e in self.trained_experts() if e != name]
         for t in task_ids:
             self.observe_task(model, data.names[t], data)
             if data.names[t] not in self.expert_tasks[name]:
                 self.expert_tasks[name].append(data.names[t])
+        self._remove_training_hooks()
+        if self.options.train_on_fused and previous:
+            self._training_hooks = self._fused_training_hooks(model, previous)
+
+    def _fused_training_hooks(self, model, previous: list[str]) -> list:
+        """Forward hooks adding the frozen fusion of `previous` in the task-general layers (computed once)."""
+        from mcit.methods.experts import _delta_hook, fused_factors, lora_layers
+        from mcit.routing.prototypes import _visible
+
+        fused = self._fused_layers(model)
+        handles = []
+        for ref in lora_layers(model):
+            if ref.index not in fused:
+                continue
+            params = [p for e in previous for p in (ref.module.lora_A[e].weight, ref.module.lora_B[e].weight)]
+            with _visible(params), torch.no_grad():
+                factors = fused_factors(ref.module, previous, self.fusion)
+            handles.append(ref.module.register_forward_hook(_delta_hook(factors, None)))
+        return handles
+
+    def _remove_training_hooks(self) -> None:
+        for handle in self._training_hooks:
+            handle.remove()
+        self._training_hooks = []
 
     def after_task(self, model, stage: int, task_ids: Sequence[int], data: TaskData) -> None:
+        self._remove_training_hooks()
         if self.options.expand_layers == "auto" and not self.options.cka_path and len(self.trained_experts()) > 1:
             self.expand_history[str(stage + 1)] = self._in_run_cka(model, data, stage)
         if self._bank is not None:

@@ -13,9 +13,10 @@ from mcit.analysis.cka import CKAResult
 from mcit.config import load_recipe, recipe_from_dict
 from mcit.errors import RecipeError
 from mcit.methods.base import build_method
+from mcit.methods.experts import lora_layers
 from mcit.train.runner import ContinualRunner
 from tests.conftest import write_recipe
-from tests.methods.test_experts import adapter_tensors, build, train_stage
+from tests.methods.test_experts import adapter_tensors, batch_of, build, train_stage
 
 
 def test_each_task_trains_only_its_expert_at_flat_cost(synthcit_root):
@@ -87,6 +88,30 @@ def test_auto_measures_cka_in_run_between_the_experts(synthcit_root, tmp_path):
     assert chosen == [min(written.layers, key=lambda k: (written.mean_cross_task[k], -k))]
     assert model.base_model.active_adapters == ["expert1"]  # the measurement left the stage's expert active
     assert hide.state()["cka_mean_cross_task"]
+
+
+def test_train_on_fused_sees_what_inference_computes(synthcit_root):
+    """With sum_ba, the newest expert trains under exactly the delta routed inference adds for its own task."""
+    model, hide, ctx = build(synthcit_root, "hide", fusion="sum_ba", train_on_fused=True, router={"mode": "oracle"})
+    train_stage(model, hide, ctx, 0)
+    train_stage(model, hide, ctx, 1)
+    assert not any(r.module._forward_hooks for r in lora_layers(model))  # training hooks gone after the task
+    samples = ctx.data.test["mc-color"][:4]
+    batch = batch_of(ctx, samples)
+    handles = hide._fused_training_hooks(model, ["expert0"])  # the stage-2 training forward, rebuilt
+    try:
+        with torch.no_grad():
+            training_view = model(**batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        (context, indices), = list(hide.eval_groups(model, samples))
+        with context:
+            routed = model(**batch).logits
+        alone = model(**batch).logits  # expert1 alone on the base: what train_on_fused=False would have trained
+    torch.testing.assert_close(routed, training_view, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(alone, training_view, atol=1e-3)
 
 
 @pytest.mark.slow
