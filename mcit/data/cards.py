@@ -120,7 +120,8 @@ class DataCard:
         candidates = self.candidates(name)
         for sample in samples:
             sample.meta["style"] = spec.answer_style
-            sample.meta["candidates"] = candidates
+            if candidates is not None or "candidates" not in sample.meta:
+                sample.meta["candidates"] = candidates
             if spec.instruction_suffix and sample.turns:
                 user, reply = sample.turns[0]
                 if not user.rstrip().endswith(spec.instruction_suffix):

@@ -5,6 +5,8 @@ Shapes accepted per record (the container is a JSON array or JSONL, sniffed from
 - LLaVA question file (the test files of CoIN/UCIT/MLLM-DCL): {"question_id", "image"?, "text", "answer"}
   (`answer` may be a list of references: the first is the answer, all go to meta["references"])
 - sharegpt: {"messages": [{"role": "user"|"assistant"|"system", "content": ...}], "images"?: [path]}
+Any of them may carry `"meta": {...}` (style, choices, brief/detailed answers; SynthCIT writes it), which becomes the
+sample's meta; other unknown keys are kept under meta["source"].
 
 Why we normalise the image placeholder here: annotation files put "<image>" at the start or the end of the first
 human turn (both occur in LLaVA-665k); the collator then needs only one case, a leading "<image>\\n". A sample whose
@@ -30,7 +32,8 @@ FORMATS = ("auto", "llava", "jsonl", "sharegpt")
 _USER_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant"}
 _SYSTEM_ROLES = {"system"}
-_KNOWN_KEYS = {"id", "question_id", "image", "images", "conversations", "messages", "text", "answer", "answer_bbox"}
+_KNOWN_KEYS = {"id", "question_id", "image", "images", "conversations", "messages", "text", "answer", "answer_bbox",
+               "meta"}
 
 
 class RecordError(DataError):
@@ -126,6 +129,10 @@ def parse_record(raw: RawRecord, *, file: str | os.PathLike, image_root: str | o
 
     turns = _normalise_placeholder(turns, has_image=image is not None)
     sample_id = data.get("id", data.get("question_id"))
+    own = data.get("meta")
+    if own is not None and not isinstance(own, dict):
+        raise fail(f'"meta" must be a JSON object, got {type(own).__name__}')
+    meta = {**(own or {}), **meta}  # a record's own meta (style, choices, brief/detailed answers) is kept
     extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
     if extra:
         meta["source"] = extra

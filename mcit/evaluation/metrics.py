@@ -68,10 +68,17 @@ def first_stages(stage_tasks: Sequence[Sequence[int]]) -> dict[int, int]:
     return first
 
 
-def continual_metrics(matrix: Matrix, stage_tasks: Sequence[Sequence[int]]) -> dict[str, float | None]:
-    """MFT, MFN, MAA, BWT, forgetting and FWT of an accuracy matrix (definitions in the module docstring)."""
+def continual_metrics(matrix: Matrix, stage_tasks: Sequence[Sequence[int]],
+                      columns: Sequence[int] | None = None) -> dict[str, float | None]:
+    """MFT, MFN, MAA, BWT, forgetting and FWT of an accuracy matrix (definitions in the module docstring).
+
+    ``columns`` restricts every metric to those tasks (e.g. the closed-answer tasks of a constrained-score matrix,
+    whose caption columns are None); MAA then averages over the stages that had seen at least one of them.
+    """
     validate_matrix(matrix, stage_tasks)
     first = first_stages(stage_tasks)
+    if columns is not None:
+        first = {i: s for i, s in first.items() if i in set(columns)}
     last = len(matrix) - 1
     tasks = sorted(first)
     kept = [i for i in tasks if i not in stage_tasks[last]]  # tasks that had a chance to be forgotten
@@ -91,14 +98,17 @@ def continual_metrics(matrix: Matrix, stage_tasks: Sequence[Sequence[int]]) -> d
             return None
         return sum(values) / len(values)
 
+    def seen_by(s: int) -> list[int]:
+        return sorted({i for tasks_s in stage_tasks[1 : s + 1] for i in tasks_s if i in first})
+
     def stage_average(s: int) -> float:
-        seen = sorted({i for tasks_s in stage_tasks[1 : s + 1] for i in tasks_s})
+        seen = seen_by(s)
         return sum(cell(s, i) for i in seen) / len(seen)
 
     return {
         "MFT": mean_or_none(lambda i: cell(first[i], i), tasks),
         "MFN": mean_or_none(lambda i: cell(last, i), tasks),
-        "MAA": mean_or_none(stage_average, list(range(1, last + 1))),
+        "MAA": mean_or_none(stage_average, [s for s in range(1, last + 1) if seen_by(s)]),
         "BWT": mean_or_none(lambda i: cell(last, i) - cell(first[i], i), kept),
         "forgetting": mean_or_none(lambda i: max(cell(s, i) for s in range(first[i], last)) - cell(last, i), kept),
         "FWT": mean_or_none(lambda i: cell(first[i] - 1, i) - cell(0, i), [i for i in tasks if first[i] > 1]),

@@ -45,6 +45,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def environment(recipe: Recipe) -> dict[str, Any]:
     import peft
     import transformers
@@ -225,7 +233,7 @@ class ContinualRunner:
                 stats = trainer.run()
                 model = trainer.model
                 log({"event": "stage_trained", "stage": stage + 1, "task": label, **stats})
-                results.setdefault("timing", {})[label] = stats
+                self._record_timing("train", label, {**stats, "peak_rss_mb": peak_rss_mb()})
                 with self._gathered(model):
                     method.after_task(model, stage, task_ids, data)
                     self._save_stage(model, method, stage_dir, stage, label)
@@ -329,11 +337,22 @@ class ContinualRunner:
         results["essential"][row] = [r.essential for r in task_results]
         results["constrained_matrix"][row] = [r.constrained for r in task_results]
         results["details"][row] = [r.details for r in task_results]
+        self._record_timing("eval", label, {r.task: r.seconds for r in task_results})
         routing = method.routing_report()
         if routing is not None:
             results["router"]["accuracy"][row] = routing.get("accuracy")
-            results["router"].setdefault("confusion", {})[label] = routing.get("confusion")
+            confusion = results["router"].setdefault("confusion", [None] * len(results["stages"]))
+            confusion[row] = routing.get("confusion")
         self._write_results(results)
+
+    def _record_timing(self, kind: str, label: str, record: dict) -> None:
+        """Wall-clock and memory records go to timing.json: results.json holds only what the seed determines."""
+        if not dist.is_main():
+            return
+        path = self.out / "timing.json"
+        timing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        timing.setdefault(kind, {})[label] = record
+        ckpt.write_json_atomic(path, timing)
 
     def _write_results(self, results: dict) -> None:
         if dist.is_main():
@@ -343,16 +362,17 @@ class ContinualRunner:
         if any(row is None for row in results["matrix"][1:]):
             return
         stage_tasks = results["stage_tasks"]
-        results["metrics"] = continual_metrics(results["matrix"], stage_tasks)
-        constrained = results["constrained_matrix"]
-        closed = [i for i in range(len(results["tasks"])) if all(r is not None and r[i] is not None
-                                                                  for r in constrained[1:])]
-        if closed:
-            sub = [[row[i] if row is not None and row[i] is not None else None for i in closed] for row in constrained]
-            sub_stages = [[closed.index(t) for t in ids if t in closed] for ids in stage_tasks]
-            with contextlib.suppress(Exception):
-                results["metrics_constrained"] = {"tasks": [results["tasks"][i] for i in closed],
-                                                  **continual_metrics(sub, sub_stages)}
+        width = len(results["tasks"])
+
+        def filled(matrix: list) -> list:  # the zero-shot row is None when eval.zero_shot is false
+            return [row if row is not None else [None] * width for row in matrix]
+
+        results["metrics"] = continual_metrics(filled(results["matrix"]), stage_tasks)
+        constrained = filled(results["constrained_matrix"])
+        closed = [i for i in range(width) if all(row[i] is not None for row in constrained[1:])]
+        results["metrics_constrained"] = (
+            {"tasks": [results["tasks"][i] for i in closed],
+             **continual_metrics(constrained, stage_tasks, columns=closed)} if closed else {})
         for key in ("superficial", "essential", "format_matrix"):
             results.setdefault("final_" + key, results[key][-1])
         self._write_results(results)

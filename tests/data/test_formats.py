@@ -174,3 +174,16 @@ def test_unreadable_and_missing_images_name_the_file(tmp_path):
         open_image("junk.png", tmp_path)
     with pytest.raises(DataError, match=r"nothere\.png: image file not found"):
         open_image("nothere.png", tmp_path)
+
+
+def test_a_records_own_meta_is_kept_and_bad_meta_is_named(tmp_path):
+    record = {"id": "s1", "conversations": [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "x"}],
+              "meta": {"brief": "a red circle", "detailed": "A red circle at the top left.", "origin": "spoofed"},
+              "extra": 1}
+    sample = load_split(write(tmp_path / "a.json", json.dumps([record])), image_root=tmp_path)[0]
+    assert sample.meta["brief"] == "a red circle" and sample.meta["detailed"].startswith("A red circle")
+    assert sample.meta["origin"]["index"] == 0  # the loader's own provenance wins over a record's key
+    assert sample.meta["source"] == {"extra": 1}
+    record["meta"] = ["not", "an", "object"]
+    with pytest.raises(DataError, match=r"b.json: sample 0: \"meta\" must be a JSON object, got list"):
+        load_split(write(tmp_path / "b.json", json.dumps([record])), image_root=tmp_path)

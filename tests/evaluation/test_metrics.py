@@ -103,3 +103,16 @@ def test_metrics_to_markdown_flat_and_labelled():
     rows = metrics_to_markdown({"seq": m, "joint": joint}).splitlines()
     assert rows[0].startswith("| | MFT |")
     assert rows[3] == "| joint | 80.0 | 80.0 | 80.0 | – | – | – |"
+
+
+def test_columns_restrict_metrics_to_a_subset_of_tasks():
+    # task 1 is a caption task: no constrained score (None) and trained alone at stage 2
+    matrix = [[None, None, None], [80, None, None], [60, None, None], [50, None, 90]]
+    stages = [[], [0], [1], [2]]
+    m = continual_metrics(matrix, stages, columns=[0, 2])
+    assert m["MFT"] == pytest.approx((80 + 90) / 2)
+    assert m["MFN"] == pytest.approx((50 + 90) / 2)
+    assert m["BWT"] == pytest.approx(50 - 80)
+    assert m["MAA"] == pytest.approx((80 + 60 + (50 + 90) / 2) / 3)
+    # without the restriction, the None cells of task 1 make every metric that needs them None
+    assert continual_metrics(matrix, stages)["MFT"] is None
