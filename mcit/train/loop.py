@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mcit import failpoints
 from mcit.config import Recipe
 from mcit.data.collate import Encoded, PixelCache, collate, epoch_batches
 from mcit.train import checkpoint as ckpt
@@ -178,6 +179,7 @@ class StageTrainer:
                           "lr": lr, "samples_per_s": round(seen / max(1e-9, time.time() - t0), 2)})
             if tc.save_steps and done % tc.save_steps == 0 and done < self.plan.steps:
                 self._save_step(done, optimizer, scheduler)
+            failpoints.hit("train.step")
         bar.close()
         if engine is not None:
             self.model = dist.release(engine)
