@@ -317,10 +317,10 @@ def hf_deepspeed_context(ds_config: dict | None) -> Iterator[Any]:
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, num_training_steps: int) -> Any:
-    """Linear warmup then cosine decay to 0, counted in optimizer steps; single-process and DeepSpeed runs share it."""
-    from transformers.optimization import get_cosine_schedule_with_warmup
+    """Linear warmup then cosine decay to 0, counted in optimizer steps; the very factor a single-process run uses."""
+    from mcit.train.loop import cosine_lambda
 
-    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(1, num_training_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(warmup_steps, max(1, num_training_steps)))
 
 
 def initialize(
