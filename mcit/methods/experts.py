@@ -218,6 +218,7 @@ class SampleRouting:
         self.lengths: list[int] = []
         self.weights = torch.zeros(0, 0)
         self.current: torch.Tensor | None = None
+        self._encoded_pixels: torch.Tensor | None = None
 
     def _key(self, sample: Sample) -> tuple[int, ...]:
         prompt = self.encoder.prompt_ids(sample)
@@ -299,18 +300,25 @@ class SampleRouting:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise EvalError("routed evaluation needs input_ids in the model call (got inputs_embeds only)")
-        cache = kwargs.get("past_key_values")
+        cache = _cache_arg(kwargs)
         tagged = getattr(cache, "_mcit_route", None)
         if tagged is not None and tagged.shape[0] == input_ids.shape[0]:
             self.current = tagged  # a continuation of a routed call
             return None
-        self.current = self._match(input_ids, kwargs.get("attention_mask"), kwargs.get("pixel_values"))
+        pixels = kwargs.get("pixel_values")
+        if pixels is None and kwargs.get("mm_encoder_outputs"):
+            pixels = self._encoded_pixels  # generate() ran the vision tower before this call (transformers >= 5.24)
+        self.current = self._match(input_ids, kwargs.get("attention_mask"), pixels)
         if cache is not None:
             _tag(cache, self.current)
         return None
 
+    def see_pixels(self, _module, args, kwargs):
+        self._encoded_pixels = kwargs.get("pixel_values", args[0] if args else None)
+        return None
+
     def post_hook(self, _module, _args, _kwargs, output):
-        cache = getattr(output, "past_key_values", None)
+        cache = _cache_arg(output) if isinstance(output, dict) else getattr(output, "past_key_values", None)
         if cache is not None and self.current is not None and getattr(cache, "_mcit_route", None) is None:
             _tag(cache, self.current)
         return None
@@ -326,12 +334,22 @@ class SampleRouting:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         handles = [base.register_forward_pre_hook(self.pre_hook, with_kwargs=True),
                    base.register_forward_hook(self.post_hook, with_kwargs=True)]
+        vision = getattr(getattr(base, "model", base), "vision_tower", None)
+        if vision is not None:
+            handles.append(vision.register_forward_pre_hook(self.see_pixels, with_kwargs=True))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
             self.current = None
+            self._encoded_pixels = None
+
+
+def _cache_arg(kwargs) -> Any:
+    """The KV cache of a model call or output: `past_key_values`, named `cache` since transformers 5.24."""
+    cache = kwargs.get("past_key_values")
+    return cache if cache is not None else kwargs.get("cache")
 
 
 def _tag(cache, weights: torch.Tensor) -> None:
