@@ -129,6 +129,8 @@ class Recipe:
     name: str = "recipe"
     description: str = ""
     seed: int = 0
+    license: str | None = None
+    """License id for exported model cards (e.g. llama2, apache-2.0); `mcit export` writes `other` when unset."""
     model: ModelConfig = field(default_factory=ModelConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -219,6 +221,8 @@ def _fix_floats(node: Any) -> Any:
 
 
 def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping of keys, got {type(data).__name__}")
     data = _fix_floats(copy.deepcopy(data))
     if "output_dir" not in data:
         raise RecipeError(f"{where}: output_dir: required key is missing (the run folder, e.g. runs/my-run; "
