@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
+from mcit.data.images import decode_image
 from mcit.data.records import IMAGE_PREFIX, IMAGE_TOKEN, Sample
 from mcit.errors import DataError
 
@@ -132,11 +132,7 @@ class PixelCache:
         if missing:
             images = []
             for path in missing:
-                try:
-                    with Image.open(path) as img:
-                        images.append(img.convert("RGB"))
-                except OSError as exc:
-                    raise DataError(f"cannot read image {path}: {exc}") from exc
+                images.append(decode_image(path))  # DataError for bombs and unreadable files
             pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
             fresh = dict(zip(missing, pixels, strict=True))
             if self.keep:

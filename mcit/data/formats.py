@@ -85,6 +85,9 @@ def read_raw(path: str | os.PathLike, fmt: str = "auto") -> tuple[list[RawRecord
     except json.JSONDecodeError as exc:
         return [], [RecordError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
                                 file=path, kind="unreadable_json")]
+    except (RecursionError, ValueError) as exc:  # nesting deeper than the parser's stack, an integer of 4300+ digits
+        return [], [RecordError(f"unusable JSON ({type(exc).__name__}: {str(exc)[:120]})", file=path,
+                                kind="unreadable_json")]
     return [RawRecord(index=i, line=None, data=item) for i, item in enumerate(data)], []
 
 
@@ -100,6 +103,9 @@ def _read_jsonl(text: str, path: Path) -> tuple[list[RawRecord], list[RecordErro
         except json.JSONDecodeError as exc:
             errors.append(RecordError(f"invalid JSON at column {exc.colno}: {exc.msg}", file=path, index=index,
                                       line=line_no, kind="unreadable_json"))
+        except (RecursionError, ValueError) as exc:  # see read_raw
+            errors.append(RecordError(f"unusable JSON ({type(exc).__name__}: {str(exc)[:120]})", file=path,
+                                      index=index, line=line_no, kind="unreadable_json"))
         index += 1
     return records, errors
 
@@ -158,6 +164,8 @@ def _parse_messages(messages: Any, role_key: str, text_key: str, fail) -> tuple[
         role, text = message[role_key], message[text_key]
         if not isinstance(text, str):
             raise fail(f"message {position}: {text_key!r} must be a string, got {type(text).__name__}")
+        if not isinstance(role, str):
+            raise fail(f"message {position}: {role_key!r} must be a string, got {type(role).__name__}")
         if role in _SYSTEM_ROLES and position == 0:
             meta["system"] = text
         elif role in _USER_ROLES and pending is None:

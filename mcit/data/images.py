@@ -60,12 +60,17 @@ def probe_image(path: str | os.PathLike, root: str | os.PathLike, *, max_pixels:
 
 def open_image(path: str | os.PathLike, root: str | os.PathLike, *, max_pixels: int | None = None) -> Image.Image:
     """Open an image as RGB, refusing paths outside `root`, images above `max_pixels` and unreadable files."""
-    real = resolve_within(path, root)
-    with _opened(real, max_pixels) as image:
+    return decode_image(resolve_within(path, root), max_pixels=max_pixels)
+
+
+def decode_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image as RGB, refusing images above `max_pixels` and unreadable files. For paths already confined
+    to their root (a Sample's image: `DataCard.load_task` checks it); otherwise use `open_image`."""
+    with _opened(Path(path), max_pixels) as image:
         try:
             return image.convert("RGB")
         except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
-            raise DataError(f"{real}: cannot decode image ({exc})") from exc
+            raise DataError(f"{path}: cannot decode image ({exc})") from exc
 
 
 class _opened:

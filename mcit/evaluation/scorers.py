@@ -202,9 +202,16 @@ def parse_single_number(text: str) -> float | None:
     return _number_value(match.group(0)) if match else None
 
 
+def _choices(meta: Mapping[str, Any] | None) -> list | None:
+    choices = (meta or {}).get("choices")
+    if choices is not None and not isinstance(choices, (list, tuple)):
+        raise EvalError(f"meta['choices'] must be a list of option texts, got {type(choices).__name__}")
+    return list(choices) if choices else None
+
+
 def option_letters(meta: Mapping[str, Any] | None) -> str:
     """Valid option letters: one per entry of ``meta["choices"]``, else A-D."""
-    choices = (meta or {}).get("choices")
+    choices = _choices(meta)
     count = len(choices) if choices else 4
     return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: max(1, min(count, 26))]
 
@@ -235,10 +242,10 @@ def extract_letter(text: str, meta: Mapping[str, Any] | None = None, use_choice_
         if match:
             letter = next(g for g in match.groups() if g).upper()
             break
-    if letter is None and use_choice_text and (meta or {}).get("choices"):
+    if letter is None and use_choice_text and _choices(meta):
         norm = Normalizer()
         wanted = norm(text)
-        matches = [valid[i] for i, choice in enumerate(meta["choices"][: len(valid)]) if norm(str(choice)) == wanted]
+        matches = [valid[i] for i, choice in enumerate(_choices(meta)[: len(valid)]) if norm(str(choice)) == wanted]
         letter = matches[0] if len(matches) == 1 else None
     return letter if letter is not None and letter in valid else None
 
@@ -579,9 +586,14 @@ class Caption(Scorer):
 
 def caption_references(index: int, reference: str, meta: Mapping[str, Any]) -> list[str]:
     """Tokenised reference captions of one sample: ``meta["references"]`` when given, else the reference string."""
-    refs = meta.get("references", [reference])
-    if isinstance(refs, str):
+    refs = meta.get("references")
+    if refs is None:
+        refs = [reference]
+    elif isinstance(refs, str):
         refs = [refs]
+    elif not isinstance(refs, (list, tuple)):
+        raise EvalError(f"caption: sample at index {index}: meta['references'] must be a list of captions, got "
+                        f"{type(refs).__name__}")
     tokenised = [tokenize_caption(r) for r in refs if isinstance(r, str)]
     tokenised = [t for t in tokenised if t]
     if not tokenised:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mcit.config import Recipe, load_recipe, recipe_from_dict
 from mcit.data.collate import Encoder, PixelCache
-from mcit.errors import CheckpointError
+from mcit.errors import CheckpointError, DataError
 from mcit.evaluation.evaluate import evaluate_tasks
 from mcit.methods.base import Method, NoOptions, RunContext, TaskData, build_method
 from mcit.models.loading import load_base
@@ -81,6 +81,7 @@ def load_for_eval(checkpoint: str, recipe: Recipe | None):
 def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | None = None,
                         output_dir: str | None = None, recipe_path: str | None = None, max_test: int | None = None,
                         batch_size: int = 64, constrained: bool = True) -> Path:
+    from mcit.data.validate import validate_card
     from mcit.train.runner import prepare_card
 
     recipe = load_recipe(recipe_path) if recipe_path else None
@@ -90,6 +91,9 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
     recipe.benchmark.max_test = max_test
     recipe.benchmark.asd.enabled = False
     card = prepare_card(recipe)
+    report = validate_card(card, splits=("test",))  # as `mcit train` does: image paths confined, bombs refused
+    if not report.ok:
+        raise DataError(f"data card {card.name!r} has problems in its test splits:\n{report.format()}")
     test = {t.name: card.load_task(t.name, "test", seed=recipe.seed) for t in card.tasks}
     encoder = Encoder(processor, recipe.train.max_length)
     out = Path(output_dir) if output_dir else (Path(checkpoint) if Path(checkpoint).is_dir() else Path(".")) / \
