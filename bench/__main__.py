@@ -1,0 +1,161 @@
+"""`python -m bench`: run the benchmarks and write docs/BENCHMARKS.md.
+
+    python -m bench                         # everything, quality at `small` size (about 30 minutes on 2 cores)
+    python -m bench quality --quality full  # the quality table at full size (9 methods x 3 seeds; hours)
+    python -m bench train router            # selected parts
+    python -m bench report                  # rewrite docs/BENCHMARKS.md from the stored results
+
+Parts: train (throughput against transformers Trainer + PEFT), mfu, eval (batched against one-at-a-time
+generation), router (routed against merged inference), memory (per-method memory, storage and time per task, read
+from the quality runs' seed 0 or run at `small` size), quality (every method x seeds). Each part stores its numbers in
+`<workdir>/<part>.json`; finished quality runs are reused, so an interrupted `quality` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import runs
+from bench.common import DEFAULT_WORKDIR, REPO, TIMED_THREADS, machine, other_load, read_json, run_child, write_json
+
+PARTS = ("train", "mfu", "eval", "router", "quality", "memory")
+
+
+def _say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def part_train(cfg) -> dict[str, Any]:
+    """A B C A B C ...: mcit, Trainer defaults, Trainer tuned, alternating in one session."""
+    sides = ["mcit", "trainer", "trainer-tuned"]
+    rounds = []
+    for r in range(cfg.rounds):
+        for side in sides:
+            _say(f"train: round {r + 1}/{cfg.rounds}, {side}")
+            args = [side, "--task", cfg.train_task, "--steps", str(cfg.train_steps), "--batch", str(cfg.batch),
+                    "--warmup", str(cfg.warmup), "--threads", str(cfg.threads)]
+            out = cfg.workdir / "children" / f"train-{side}-{r}.json"
+            rounds.append({"round": r, **run_child("bench.train_speed", args, out, cfg.threads, log=cfg.log)})
+    return {"task": cfg.train_task, "steps": cfg.train_steps, "batch": cfg.batch, "warmup": cfg.warmup,
+            "runs": rounds}
+
+
+def part_mfu(cfg) -> dict[str, Any]:
+    _say("mfu: matmul peak")
+    sizes = "256,512" if cfg.smoke else "1024,2048,4096"
+    peak = run_child("bench.train_speed", ["peak", "--sizes", sizes, "--threads", str(cfg.threads)],
+                     cfg.workdir / "children" / "peak.json", cfg.threads, log=cfg.log)
+    steps = []
+    for autocast in ("none", "bf16"):
+        _say(f"mfu: mcit steps with autocast {autocast}, FLOPs counted")
+        args = ["mcit", "--task", cfg.train_task, "--steps", str(cfg.train_steps), "--batch", str(cfg.batch),
+                "--warmup", str(cfg.warmup), "--autocast", autocast, "--flops", "--threads", str(cfg.threads)]
+        steps.append(run_child("bench.train_speed", args, cfg.workdir / "children" / f"mfu-{autocast}.json",
+                               cfg.threads, log=cfg.log))
+    return {"peak": peak, "steps": steps}
+
+
+def part_eval(cfg) -> dict[str, Any]:
+    _say("eval: batched against one-at-a-time generation")
+    args = ["--per-task", str(cfg.eval_per_task), "--train-steps", str(cfg.eval_train_steps),
+            "--threads", str(cfg.threads)]
+    return run_child("bench.eval_speed", args, cfg.workdir / "children" / "eval.json", cfg.threads, log=cfg.log)
+
+
+def part_router(cfg) -> dict[str, Any]:
+    results = []
+    plan = [("merged", 1), ("lora", 1)] + [(v, t) for v in ("hide", "disco") for t in cfg.router_experts]
+    for variant, experts in plan:
+        _say(f"router: {variant} with {experts} expert(s)")
+        args = [variant, "--experts", str(experts), "--samples", str(cfg.router_samples), "--repeats",
+                str(cfg.router_repeats), "--proto-samples", str(cfg.proto_samples), "--threads", str(cfg.threads)]
+        out = cfg.workdir / "children" / f"router-{variant}-{experts}.json"
+        results.append(run_child("bench.router_speed", args, out, cfg.threads, log=cfg.log))
+    return {"runs": results}
+
+
+def part_quality(cfg, size: str, methods: list[str], seeds: list[int]) -> dict[str, Any]:
+    records = []
+    for seed in seeds:
+        for method in methods:
+            _say(f"quality ({size}): {method}, seed {seed}")
+            t0 = time.time()
+            records.append(runs.run_method(cfg.workdir, size, method, seed, cfg.threads, cfg.log))
+            _say(f"quality ({size}): {method}, seed {seed} done in {time.time() - t0:.0f} s")
+    return {"size": size, "overrides": runs.SIZES[size]["overrides"], "methods": methods, "seeds": seeds,
+            "runs": records}
+
+
+def part_memory(cfg, size: str, methods: list[str]) -> dict[str, Any]:
+    """Seed-0 runs of every method (reused from the quality part when it ran at this size)."""
+    return part_quality(cfg, size, methods, [0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("parts", nargs="*", default=["all"], help=f"all | report | {' | '.join(PARTS)}")
+    parser.add_argument("--quality", default="small", choices=[*runs.SIZES, "skip"],
+                        help="size of the quality runs (small fits the 30-minute budget; full = the recipes as is)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's seeds, 0,1,2)")
+    parser.add_argument("--methods", default=",".join(runs.METHODS))
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--threads", type=int, default=TIMED_THREADS)
+    parser.add_argument("--smoke", action="store_true", help="minimal sizes everywhere (checks the plumbing)")
+    cfg = parser.parse_args(argv)
+    parts = list(PARTS) if "all" in cfg.parts else [p for p in cfg.parts if p != "report"]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from all, report, {', '.join(PARTS)}")
+    sizes = {"train_task": "caption", "train_steps": 40, "batch": 32, "warmup": 5, "rounds": 2,
+             "eval_per_task": 50, "eval_train_steps": 40, "router_samples": 120, "router_repeats": 3,
+             "router_experts": [2, 4, 6], "proto_samples": 64}
+    if cfg.smoke:
+        sizes.update({"train_steps": 4, "batch": 4, "warmup": 1, "rounds": 1, "eval_per_task": 2,
+                      "eval_train_steps": 1, "router_samples": 4, "router_repeats": 1, "router_experts": [2],
+                      "proto_samples": 4})
+        if cfg.quality != "skip":
+            cfg.quality = "tiny"
+    for key, value in sizes.items():
+        setattr(cfg, key, value)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    cfg.log = cfg.workdir / "children.log"
+    methods = cfg.methods.split(",")
+    seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else runs.SIZES.get(cfg.quality, {}).get("seeds")
+
+    meta = read_json(cfg.workdir / "meta.json") or {}
+    meta["machine"] = machine()
+    meta["smoke"] = cfg.smoke
+    for part in parts:
+        if part == "quality" and cfg.quality == "skip":
+            continue
+        load = other_load()
+        t0 = time.time()
+        if part == "quality":
+            data = part_quality(cfg, cfg.quality, methods, seeds)
+            name = f"quality-{cfg.quality}"
+        elif part == "memory":
+            size = cfg.quality if cfg.quality != "skip" else "small"
+            data = part_memory(cfg, size, methods)
+            name = "memory"
+        else:
+            data = {"train": part_train, "mfu": part_mfu, "eval": part_eval, "router": part_router}[part](cfg)
+            name = part
+        data.update({"load_before": load, "load_after": other_load(), "seconds": round(time.time() - t0, 1),
+                     "threads": cfg.threads, "base_sha256": meta["machine"]["base_sha256"],
+                     "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        write_json(cfg.workdir / f"{name}.json", data)
+        _say(f"{part}: done in {data['seconds']} s")
+    write_json(cfg.workdir / "meta.json", meta)
+    from bench.report import write_report
+
+    path = write_report(cfg.workdir, cfg.doc)
+    _say(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""docs/BENCHMARKS.md from the stored part results (`<workdir>/*.json`) and the hand-written findings
+(`bench/FINDINGS.md`, included as is). Every number in the document comes from those JSON files."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, read_json
+
+FINDINGS = Path(__file__).resolve().parent / "FINDINGS.md"
+
+# Orderings the papers (or the bound definitions) claim, checked on MFN unless a key is given:
+# (better, worse, metric, sign) -- sign -1 means "lower is better" for that metric.
+CLAIMS = [
+    ("joint", "lora_ft", "MFN", 1, "joint training is the upper bound"),
+    ("replay", "lora_ft", "MFN", 1, "replay beats sequential LoRA"),
+    ("moelora", "lora_ft", "MFN", 1, "MoELoRA beats sequential LoRA (CoIN)"),
+    ("olora", "lora_ft", "MFN", 1, "O-LoRA beats sequential LoRA"),
+    ("hide", "lora_ft", "MFN", 1, "HiDe-LLaVA beats sequential LoRA"),
+    ("hide", "moelora", "MFN", 1, "HiDe-LLaVA beats MoELoRA"),
+    ("disco", "lora_ft", "MFN", 1, "DISCO beats sequential LoRA"),
+    ("reglora", "lora_ft", "essential", -1, "RegLoRA cuts essential forgetting (final % right format, wrong content)"),
+    ("sefe", "reglora", "superficial", -1, "ASD cuts superficial forgetting (SEFE vs RegLoRA, final % wrong format)"),
+    ("sefe", "lora_ft", "MFN", 1, "SEFE beats sequential LoRA"),
+    ("sefe", "reglora", "MFN", 1, "SEFE beats RegLoRA alone"),
+]
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.2f}"
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _pm(values: list[float | None]) -> str:
+    mean, sd = _mean_sd(values)
+    return "-" if mean is None else f"{mean:.1f} ± {sd:.1f}"
+
+
+def _load_line(data: dict) -> str:
+    before, after = data.get("load_before", {}), data.get("load_after", {})
+    busy = {p["command"].split()[1].rsplit("/", 1)[-1] + " " + " ".join(p["command"].split()[2:4])
+            for d in (before, after) for p in d.get("busy_processes", []) if len(p["command"].split()) > 1}
+    text = (f"load average {before.get('loadavg', ['?'])[0]} before, {after.get('loadavg', ['?'])[0]} after; "
+            f"finished {data.get('finished_utc', '?')}; {data.get('threads', '?')} threads")
+    return text + (f"; other processes using CPU: {', '.join(sorted(busy))}" if busy else
+                   "; no other process used CPU")
+
+
+# --- sections -------------------------------------------------------------------------------------------------------
+
+def section_machine(meta: dict) -> list[str]:
+    m = meta.get("machine", {})
+    return [
+        "## Machine and versions", "",
+        "| | |", "|---|---|",
+        f"| CPU | {m.get('cpu')} ({m.get('cores')} cores; {', '.join(m.get('cpu_flags', []))}) |",
+        f"| memory | {m.get('memory_gib')} GiB |",
+        f"| platform | {m.get('platform')} |",
+        f"| python / torch / transformers / peft | {m.get('python')} / {m.get('torch')} / {m.get('transformers')} / "
+        f"{m.get('peft')} |",
+        f"| mcit commit | {m.get('mcit_commit')} |",
+        f"| base weights | `builtin:tiny-llava`, model.safetensors sha256 `{m.get('base_sha256')}` "
+        f"({m.get('base_status')}) |",
+        f"| written | {m.get('date_utc')} |", "",
+    ]
+
+
+def section_train(data: dict | None) -> list[str]:
+    if not data:
+        return ["## 1. Training throughput", "", "Not run.", ""]
+    by_side: dict[str, list[dict]] = {}
+    for run in data["runs"]:
+        by_side.setdefault(run["side"], []).append(run)
+    lines = ["## 1. Training throughput", "",
+             f"Task `{data['task']}`, one epoch of {data['steps'] * data['batch']:,} samples = {data['steps']} "
+             f"optimizer steps of {data['batch']}; LoRA r 8 / alpha 16 / dropout 0.05 on the language model's seven "
+             f"projections; the first {data['warmup']} steps are dropped; the sides ran alternately "
+             f"({len(data['runs'])} runs, {max(r['round'] for r in data['runs']) + 1} rounds). Median over rounds "
+             "(all rounds in brackets).", "",
+             "| side | compute | samples/s | tokens/s | s/step | padding | final loss |", "|---|---|---:|---:|---:|---:|---:|"]
+    med: dict[str, float] = {}
+    for side, items in by_side.items():
+        sps = [r["samples_per_s"] for r in items]
+        med[side] = statistics.median(sps)
+        lines.append(f"| {side} | {items[0]['autocast'] or 'fp32'} | {med[side]:.1f} "
+                     f"[{', '.join(f'{x:.1f}' for x in sps)}] | {statistics.median(r['tokens_per_s'] for r in items):,.0f}"
+                     f" | {statistics.median(r['seconds_per_step'] for r in items):.3f} | "
+                     f"{100 * items[0]['padding_fraction']:.1f} % | {items[-1]['final_loss']:.3f} |")
+    lines.append("")
+    if "mcit" in med:
+        for other in ("trainer", "trainer-tuned"):
+            if other in med:
+                ratio = med["mcit"] / med[other]
+                lines.append(f"- mcit / {other}: **{ratio:.2f}×** samples/s (goal ≥ 1.5×: "
+                             f"{'met' if ratio >= 1.5 else 'not met'}).")
+    lines += ["- Machine: " + _load_line(data) + ".", ""]
+    return lines
+
+
+def section_mfu(data: dict | None) -> list[str]:
+    if not data:
+        return ["## 2. MFU", "", "Not run.", ""]
+    peak = data["peak"]
+    lines = ["## 2. MFU (achieved FLOP/s of a training step / measured matmul peak)", "",
+             "Peak: best of square `torch.mm` in each dtype (sizes: "
+             f"{', '.join(peak['fp32']['by_size_gflops'])}): fp32 {peak['fp32']['peak_gflops']:,.0f} GFLOP/s, "
+             f"bf16 {peak['bf16']['peak_gflops']:,.0f} GFLOP/s. Step FLOPs: counted by "
+             "`torch.utils.flop_counter.FlopCounterMode` over forward + backward of the timed steps' real batches "
+             "(a frozen base computes no weight gradients, so this is below 6·params·tokens, shown for reference).",
+             "", "| compute | s/step | counted GFLOP/step | 6·N·T GFLOP/step | achieved GFLOP/s | peak GFLOP/s | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for step in data["steps"]:
+        dtype = "bf16" if step["autocast"] == "bf16" else "fp32"
+        achieved = step["flops_counted"] / step["seconds"]
+        p = peak[dtype]["peak_gflops"] * 1e9
+        six = step["flops_6nt"] / step["timed_steps"]
+        lines.append(f"| {dtype} | {step['seconds_per_step']:.3f} | {step['flops_per_step'] / 1e9:.1f} | "
+                     f"{six / 1e9:.1f} | {achieved / 1e9:.1f} | {p / 1e9:,.0f} | **{100 * achieved / p:.1f} %** |")
+    lines += ["", "Goal ≥ 50 %. Machine: " + _load_line(data) + ".", ""]
+    return lines
+
+
+def section_eval(data: dict | None) -> list[str]:
+    if not data:
+        return ["## 3. Evaluation", "", "Not run.", ""]
+    return [
+        "## 3. Evaluation: batched generation against one-at-a-time `generate`", "",
+        f"{data['samples']} test samples ({', '.join(data['tasks'])}), a LoRA trained {data['adapter_train_steps']} "
+        f"steps on those tasks, greedy, max {data['max_new_tokens']} new tokens, {data['autocast'] or 'fp32'} "
+        f"autocast, batch {data['batch']} (mean answer {data['mean_answer_chars']} characters).", "",
+        "| path | seconds | samples/s |", "|---|---:|---:|",
+        f"| one at a time (processor + `model.generate` per sample) | {data['single_seconds']:.2f} | "
+        f"{data['single_samples_per_s']:.1f} |",
+        f"| batched (`mcit.evaluation.generate.generate`) | {data['batched_seconds']:.2f} | "
+        f"{data['batched_samples_per_s']:.1f} |", "",
+        f"- Speed-up **{data['speedup']:.1f}×** (goal ≥ 10×: {'met' if data['speedup'] >= 10 else 'not met'}).",
+        f"- Identical predictions: **{data['identical']} / {data['samples']}**; identical prompt token ids: "
+        f"{data['identical_inputs']} / {data['samples']}.",
+        *([f"- First differences: {data['differences']}"] if data.get("differences") else []),
+        "- Machine: " + _load_line(data) + ".", "",
+    ]
+
+
+def section_router(data: dict | None) -> list[str]:
+    if not data:
+        return ["## 4. Router overhead", "", "Not run.", ""]
+    runs = data["runs"]
+    merged = next((r for r in runs if r["variant"] == "merged"), None)
+    lora = next((r for r in runs if r["variant"] == "lora"), None)
+    first = runs[0]
+    lines = ["## 4. Router overhead: routed inference against one merged adapter", "",
+             f"{first['samples']} test samples spread evenly over the first T SynthCIT tasks, exactly "
+             f"{first['new_tokens']} new tokens each, batch {first['batch']}; median of the timed passes. A pass is "
+             "what evaluation does per task: routing (router features, weights, grouping by top expert) + generation.",
+             "", "| variant | experts T | ms/sample | routing s | groups | × merged | × one LoRA |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        xm = r["seconds"] / merged["seconds"] if merged else None
+        xl = r["seconds"] / lora["seconds"] if lora else None
+        lines.append(f"| {r['variant']} | {r['experts']} | {r['ms_per_sample']:.2f} | {r['routing_seconds']:.3f} | "
+                     f"{r['groups']} | {_fmt(xm, 2)} | {_fmt(xl, 2)} |")
+    worst = max((r["seconds"] / merged["seconds"] for r in runs if r["variant"] in ("hide", "disco")), default=None)
+    if worst is not None:
+        lines += ["", f"- Worst routed / merged ratio: **{worst:.2f}×** (goal ≤ 1.1×: "
+                  f"{'met' if worst <= 1.1 else 'not met'})."]
+    lines += ["- Machine: " + _load_line(data) + ".", ""]
+    return lines
+
+
+def section_memory(data: dict | None) -> list[str]:
+    if not data:
+        return ["## 5. Memory and storage per task", "", "Not run.", ""]
+    lines = ["## 5. Memory and storage per task", "",
+             f"Seed-0 runs at size `{data['size']}` ({', '.join(data['overrides']) or 'recipes unchanged'}). Trainable "
+             "parameters and optimizer state (AdamW moments) are those of the last stage; peak RSS is the highest "
+             "per-stage training peak of the process; a checkpoint is the stage folder (`model.safetensors` + PEFT "
+             "`adapter/` + method state); *added/task* is the mean growth of that folder from one stage to the next.",
+             "", "| method | trainable params | optimizer state MiB | peak RSS MiB | checkpoint after task 1 MiB | "
+             "added/task MiB | total params after last task |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in data["runs"]:
+        stages = run["probe"].get("stages", [])
+        if not stages:
+            continue
+        last = stages[-1]
+        ck = run["checkpoint_bytes"]
+        growth = statistics.fmean(b - a for a, b in zip(ck, ck[1:])) if len(ck) > 1 else None
+        peak = max((s["peak_rss_mib"] or 0) for s in stages) or run["probe"].get("process_peak_rss_mib")
+        lines.append(f"| {run['method']} | {last['trainable_params']:,} | {_mib(last['optimizer_state_bytes'])} | "
+                     f"{peak:,.0f} | {_mib(ck[0] if ck else None)} | {_mib(growth)} | {last['total_params']:,} |")
+    lines += ["", "Training seconds per task as T grows (stage t trains task t; joint trains all in one stage), and "
+              "evaluation seconds of each row (all tasks evaluated after stage t):", "",
+              "| method | train s, stage 1..T | eval s, row 1..T |", "|---|---|---|"]
+    for run in data["runs"]:
+        stages = run["probe"].get("stages", [])
+        evals = [v for k, v in run["eval_seconds"].items() if k != "zero-shot"]
+        train = " / ".join(f"{s['train_seconds']:.1f}" for s in stages)
+        lines.append(f"| {run['method']} | {train} | {' / '.join(f'{v:.1f}' for v in evals)} |")
+    lines += ["", "- Machine: " + _load_line(data) + ".", ""]
+    return lines
+
+
+def _claim_rows(by_method: dict[str, list[dict]]) -> list[str]:
+    rows = []
+    for better, worse, metric, sign, text in CLAIMS:
+        if better not in by_method or worse not in by_method:
+            continue
+        a = {r["seed"]: _value(r, metric) for r in by_method[better]}
+        b = {r["seed"]: _value(r, metric) for r in by_method[worse]}
+        seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
+        if not seeds:
+            continue
+        diffs = [sign * (a[s] - b[s]) for s in seeds]
+        mean = statistics.fmean(diffs)
+        verdict = ("reproduces" if all(d > 0 for d in diffs) else
+                   "tendency (not every seed)" if mean > 0 else "does not reproduce")
+        rows.append(f"| {text} | {better} vs {worse} | {metric} | {mean:+.1f} ({' / '.join(f'{d:+.1f}' for d in diffs)})"
+                    f" | {verdict} |")
+    return rows
+
+
+def _value(run: dict, metric: str) -> float | None:
+    if metric == "superficial":
+        v = run.get("final_superficial")
+        return statistics.fmean(v) if v else None
+    if metric == "essential":
+        v = run.get("final_essential")
+        return statistics.fmean(v) if v else None
+    return run["metrics"].get(metric)
+
+
+def section_quality(data: dict | None) -> list[str]:
+    if not data:
+        return ["## 6. Quality", "", "Not run.", ""]
+    by_method: dict[str, list[dict]] = {}
+    for run in data["runs"]:
+        by_method.setdefault(run["method"], []).append(run)
+    tasks = data["runs"][0]["tasks"] if data["runs"] else []
+    lines = ["## 6. Quality: every method on SynthCIT", "",
+             f"Size `{data['size']}` ({', '.join(data['overrides']) or 'the recipes unchanged'}); seeds "
+             f"{', '.join(map(str, data['seeds']))}; tasks {' → '.join(tasks)}. Mean ± standard deviation over seeds. "
+             "Superficial / essential = % of the final row's predictions in the wrong format / in the right format "
+             "but wrong, averaged over tasks. Router accuracy = % of test samples routed to their task's expert "
+             "in the final row. joint and lora_ft are the upper and lower bounds.", "",
+             "| method | MFT | MFN | MAA | BWT | superficial % | essential % | router acc. % | constrained MFN |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, items in by_method.items():
+        router = [r["router_accuracy"][-1] if r.get("router_accuracy") else None for r in items]
+        lines.append(
+            f"| {method} | {_pm([r['metrics'].get('MFT') for r in items])} | "
+            f"{_pm([r['metrics'].get('MFN') for r in items])} | {_pm([r['metrics'].get('MAA') for r in items])} | "
+            f"{_pm([r['metrics'].get('BWT') for r in items])} | {_pm([_value(r, 'superficial') for r in items])} | "
+            f"{_pm([_value(r, 'essential') for r in items])} | {_pm(router)} | "
+            f"{_pm([r['metrics_constrained'].get('MFN') for r in items])} |")
+    lines += ["", "Final rows per task (mean over seeds):", "", f"| method | {' | '.join(tasks)} |",
+              "|---|" + "---:|" * len(tasks)]
+    for method, items in by_method.items():
+        cols = [statistics.fmean(r["matrix"][-1][i] for r in items) for i in range(len(tasks))]
+        lines.append(f"| {method} | {' | '.join(f'{c:.1f}' for c in cols)} |")
+    claims = _claim_rows(by_method)
+    if claims:
+        lines += ["", "Orderings claimed by the papers, checked per seed. Advantage = how much better the first method "
+                  "is (MFN points, or points less forgetting); *reproduces* = positive in every seed, *tendency* = "
+                  "positive on the mean only.", "",
+                  "| claim | pair | metric | advantage of the first, mean (per seed) | verdict |", "|---|---|---|---|---|", *claims]
+    lines += ["", "- Machine: " + _load_line(data) + f"; the part took {data.get('seconds', 0) / 60:.0f} min.", ""]
+    return lines
+
+
+def write_report(workdir: Path, doc: Path) -> Path:
+    meta = read_json(workdir / "meta.json") or {}
+    part = {name: read_json(workdir / f"{name}.json") for name in ("train", "mfu", "eval", "router", "memory")}
+    qualities = {size: read_json(workdir / f"quality-{size}.json") for size in ("full", "small", "tiny")}
+    try:
+        where = workdir.resolve().relative_to(REPO)
+    except ValueError:
+        where = workdir
+    lines = ["# Benchmarks", "",
+             "Speed against the obvious alternatives on the same machine, router overhead, memory and storage per "
+             "task, and the methods' quality on SynthCIT. Written by `python -m bench` from the numbers in "
+             f"`{where}/*.json`; nothing here is typed by hand except the findings section. CPU only.", ""]
+    if meta.get("smoke"):
+        lines += ["**Smoke run (minimal sizes): these numbers check the plumbing and mean nothing.**", ""]
+    lines += ["## Reproduce", "", "```bash",
+              "bash scripts/setup.sh && source .venv/bin/activate",
+              "python -m bench                              # all parts, quality at `small` size (~30 min on 2 cores)",
+              "python -m bench quality --quality full       # the quality table at full size (9 methods x 3 seeds)",
+              "python -m bench report                       # rewrite this file from the stored results",
+              "bash bench/run.sh                            # the same as `python -m bench`", "```", ""]
+    if FINDINGS.is_file():
+        lines += [FINDINGS.read_text(encoding="utf-8").strip(), ""]
+    lines += section_machine(meta)
+    lines += section_train(part["train"]) + section_mfu(part["mfu"]) + section_eval(part["eval"])
+    lines += section_router(part["router"]) + section_memory(part["memory"])
+    shown = False
+    for size in ("full", "small", "tiny"):
+        if qualities[size]:
+            lines += section_quality(qualities[size])
+            shown = True
+    if not shown:
+        lines += section_quality(None)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return doc

@@ -1,0 +1,268 @@
+"""Part 1 (training throughput) and part 2 (MFU): mcit's training loop against a plain transformers `Trainer` + PEFT.
+
+Both sides train the same LoRA (r 8, alpha 16, dropout 0.05 on the language model's q/k/v/o/gate/up/down) on the
+same tiny base, the same SynthCIT samples (one epoch of `steps * batch` samples), the same batch size, optimizer
+settings (AdamW, lr 1e-3, 3 % warmup, cosine, clip 1.0) and number of optimizer steps. Loading, tokenization and
+model set-up are excluded: each side records a timestamp after every optimizer step, and the first `warmup` steps are
+dropped, so the numbers are steady-state steps.
+
+- **mcit**: `mcit.train.loop.StageTrainer` exactly as `mcit train` runs it (length-grouped batches padded to the
+  longest in the batch, images preprocessed once and cached, bf16 autocast from the recipe); step checkpoints off
+  (`save_steps 0`), as on the Trainer side.
+- **trainer**: a plain script: text pre-tokenized with the processor's chat template (prompt masked in the labels),
+  images opened and preprocessed by the collate function, `Trainer` with its defaults (random batches, fp32) or with
+  `bf16=True` and `group_by_length` (`trainer-tuned`: the two switches a user would try first).
+
+Tokens/s counts real tokens (image placeholders included, padding excluded) of the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import child_main, synthcit_samples
+
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
+RECIPE = "recipes/synthcit/lora_ft.yaml"
+
+
+def _lm_target_regex() -> str:
+    from mcit.config import DEFAULT_LORA_TARGETS
+
+    # the language model's linears only; a plain `target_modules=[...q_proj...]` would also wrap the CLIP tower
+    return rf"^(?:base_model\.model\.)?model\.language_model\.layers\.\d+\..*\b(?:{'|'.join(DEFAULT_LORA_TARGETS)})$"
+
+
+def _steady(times: list[float], sizes: list[int], tokens: list[int], warmup: int) -> dict[str, Any]:
+    """Throughput of steps warmup+1..N from per-step end timestamps (times[0] = end of step 1)."""
+    if len(times) <= warmup + 1:
+        raise RuntimeError(f"only {len(times)} steps recorded; need more than warmup={warmup} + 1")
+    span = times[-1] - times[warmup - 1] if warmup > 0 else times[-1] - times[0]
+    first = warmup if warmup > 0 else 1
+    samples, toks = sum(sizes[first:]), sum(tokens[first:])
+    steps = len(times) - first
+    return {"timed_steps": steps, "seconds": round(span, 4), "samples": samples, "tokens": toks,
+            "samples_per_s": round(samples / span, 2), "tokens_per_s": round(toks / span, 1),
+            "seconds_per_step": round(span / steps, 4)}
+
+
+# --- mcit ----------------------------------------------------------------------------------------------------------
+
+def mcit_recipe(task: str, steps: int, batch: int, autocast: str | None, workdir: Path):
+    from mcit.config import load_recipe
+
+    overrides = [f"output_dir={workdir}", f"benchmark.tasks=[{task}]", f"train.max_steps={steps}",
+                 f"train.batch_size={batch}", "train.save_steps=0", "train.log_steps=1",
+                 f"method.lora.r={LORA['r']}", f"method.lora.alpha={LORA['alpha']}",
+                 f"method.lora.dropout={LORA['dropout']}", f"model.autocast={autocast or 'null'}"]
+    return load_recipe(Path(__file__).resolve().parents[1] / RECIPE, overrides)
+
+
+def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdir: Path, method_name: str = "lora_ft"):
+    """A model with the method's adapter, the encoded samples and a StageTrainer ready to run (untimed)."""
+    from mcit.data.collate import Encoder, PixelCache
+    from mcit.methods.base import RunContext, TaskData, build_method
+    from mcit.models.loading import load_base
+    from mcit.train.loop import StageTrainer
+    from mcit.train.runner import seed_everything
+
+    tasks = task.split(",")
+    recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir)
+    recipe.method.name = method_name
+    per_task = -(-steps * batch // len(tasks))
+    samples = [s for name in tasks for s in synthcit_samples(name, "train", per_task)][:steps * batch]
+    seed_everything(recipe.seed)
+    model, processor = load_base(recipe.model)
+    data = TaskData([task], {task: samples}, {task: []})
+    method = build_method(recipe)
+    ctx = RunContext(processor=processor, recipe=recipe, data=data, output_dir=workdir)
+    model = method.setup(model, ctx)
+    method.prepare(model, 0, [0])
+    encoder = Encoder(processor, recipe.train.max_length)
+    encoded = [encoder.encode(s, i) for i, s in enumerate(samples)]
+    stamps: list[float] = []
+    trainer = StageTrainer(model, method, recipe, encoded, PixelCache(processor), encoder.tokenizer.pad_token_id,
+                           stage=0, label=task, step_dir=workdir / "last-step",
+                           log=lambda record: stamps.append(time.perf_counter()))
+    return trainer, stamps, encoded, encoder
+
+
+def count_step_flops(trainer, encoded, steps: list[int]) -> list[float]:
+    """FLOPs of forward + backward of the given steps' micro-batches, counted by torch's FlopCounterMode (matmuls,
+    attention); the optimizer step adds O(trainable params), negligible here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mcit.train.loop import autocast_context
+
+    model = trainer.model
+    model.train()
+    out = []
+    for step in steps:
+        total = 0
+        for micro in range(trainer.plan.grad_accum):
+            batch = trainer._batch(trainer.plan.micro_batches[step * trainer.plan.grad_accum + micro])
+            counter = FlopCounterMode(display=False)
+            with counter, autocast_context(trainer.recipe.model.autocast):
+                loss = model(**batch).loss
+                loss.backward()
+            total += counter.get_total_flops()
+        model.zero_grad(set_to_none=True)
+        out.append(float(total))
+    return out
+
+
+def run_mcit(args) -> dict[str, Any]:
+    workdir = Path(args.out).with_suffix("")
+    trainer, stamps, encoded, _ = prepare_mcit(args.task, args.steps, args.batch, args.autocast, workdir)
+    plan = trainer.plan
+    sizes = [len(plan.micro_batches[s]) for s in range(plan.steps)]
+    tokens = [sum(len(encoded[i]) for i in plan.micro_batches[s]) for s in range(plan.steps)]
+    padded = [len(plan.micro_batches[s]) * max(len(encoded[i]) for i in plan.micro_batches[s])
+              for s in range(plan.steps)]
+    stats = trainer.run()
+    result = {"side": "mcit", "autocast": args.autocast, "steps": plan.steps, "batch": args.batch,
+              "final_loss": stats["final_loss"], "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
+              **_steady(stamps, sizes, tokens, args.warmup)}
+    if args.flops:
+        timed = list(range(max(1, args.warmup), plan.steps))
+        flops = count_step_flops(trainer, encoded, timed)
+        params = sum(p.numel() for p in trainer.model.parameters())
+        result.update({"flops_counted": sum(flops), "flops_per_step": sum(flops) / len(flops),
+                       "parameters": params, "flops_6nt": 6.0 * params * result["tokens"]})
+    return result
+
+
+# --- plain transformers Trainer + PEFT ----------------------------------------------------------------------------
+
+def run_trainer(args) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+
+    from bench.common import base_model_dir
+
+    tuned = args.side == "trainer-tuned"
+    path = base_model_dir()
+    torch.manual_seed(0)
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules=_lm_target_regex(), bias="none"))
+    samples = synthcit_samples(args.task, "train", args.steps * args.batch)
+    image_tokens = processor.num_image_tokens if hasattr(processor, "num_image_tokens") else 36
+    expand = processor.image_token * image_tokens
+    rows = []
+    for s in samples:  # pre-tokenized text (untimed, as mcit's encoding)
+        user, answer = s.turns[0]
+        content = [{"type": "image"}, {"type": "text", "text": user.removeprefix("<image>\n")}]
+        prompt_msgs = [{"role": "user", "content": content}]
+        full_msgs = prompt_msgs + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        prompt = processor.apply_chat_template(prompt_msgs, add_generation_prompt=True).replace(
+            processor.image_token, expand)
+        full = processor.apply_chat_template(full_msgs).replace(processor.image_token, expand)
+        ids = processor.tokenizer(full, add_special_tokens=False)["input_ids"]
+        n_prompt = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        rows.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:], "image": s.image,
+                     "length": len(ids)})
+    pad = processor.tokenizer.pad_token_id
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), pad)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        images = [Image.open(r["image"]).convert("RGB") for r in batch]
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *_a, **_k):
+            stamps.append(time.perf_counter())
+
+    workdir = Path(args.out).with_suffix("")
+    training = TrainingArguments(
+        output_dir=str(workdir), per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-3,
+        warmup_steps=0.03, lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0, save_strategy="no",
+        logging_strategy="no", report_to="none", use_cpu=True, bf16=tuned, disable_tqdm=True, seed=0,
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
+        train_sampling_strategy="group_by_length" if tuned else "random")
+    trainer = Trainer(model=model, args=training, train_dataset=Rows(), data_collator=collate,
+                      callbacks=[Stamp()])
+    # the batches the sampler will produce are not exposed; record them through the collate function instead
+    seen: list[tuple[int, int, int]] = []
+    inner = trainer.data_collator
+
+    def recording(batch):
+        seen.append((len(batch), sum(len(r["input_ids"]) for r in batch),
+                     len(batch) * max(len(r["input_ids"]) for r in batch)))
+        return inner(batch)
+
+    trainer.data_collator = recording
+    out = trainer.train()
+    sizes, tokens = [s[0] for s in seen[:len(stamps)]], [s[1] for s in seen[:len(stamps)]]
+    padded = [s[2] for s in seen[:len(stamps)]]
+    return {"side": args.side, "autocast": "bf16" if tuned else None, "steps": len(stamps), "batch": args.batch,
+            "final_loss": out.training_loss, "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
+            **_steady(stamps, sizes, tokens, args.warmup)}
+
+
+# --- matmul peak ---------------------------------------------------------------------------------------------------
+
+def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict[str, Any]:
+    """Best achieved FLOP/s of square matmuls in fp32 and bf16 (2 n^3 FLOPs each)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best, per_size = 0.0, {}
+        for n in sizes:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            torch.mm(a, b)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                times.append(time.perf_counter() - t0)
+            rate = 2 * n ** 3 / min(times)
+            per_size[str(n)] = round(rate / 1e9, 1)
+            best = max(best, rate)
+        out[name] = {"peak_gflops": round(best / 1e9, 1), "by_size_gflops": per_size}
+    return out
+
+
+def run_peak(args) -> dict[str, Any]:
+    return matmul_peak(tuple(int(x) for x in args.sizes.split(",")))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("side", choices=["mcit", "trainer", "trainer-tuned", "peak"])
+    parser.add_argument("--task", default="caption")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--autocast", default="bf16", type=lambda s: None if s in ("none", "null") else s)
+    parser.add_argument("--flops", action="store_true")
+    parser.add_argument("--sizes", default="1024,2048,4096")
+    run = {"mcit": run_mcit, "trainer": run_trainer, "trainer-tuned": run_trainer, "peak": run_peak}
+    child_main(parser, lambda args: run[args.side](args), argv)
+
+
+if __name__ == "__main__":
+    main()
