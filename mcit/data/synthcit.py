@@ -39,6 +39,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+VERSION = 2
+"""Generator version, stored in BUILD.json: a build made by another version is rebuilt. 2: the scene description
+states the object count; multiple-choice tasks show one object; count asks only for the number of objects."""
 IMAGE_SIZE = 48
 GRID = 3
 CELL = IMAGE_SIZE // GRID
@@ -180,7 +183,9 @@ def _article(phrase: str) -> str:
 
 def scene_description(scene: Scene) -> str:
     """The pretraining target: every object's attributes and cell, and the word. Deliberately unlike any task form."""
-    parts = [f"{o.phrase} at {CELL_NAMES[o.cell]}" for o in scene.ordered()]
+    n = len(scene.objects)
+    parts = [f"{NUMBER_WORDS[n]} object{'' if n == 1 else 's'}"]
+    parts += [f"{o.phrase} at {CELL_NAMES[o.cell]}" for o in scene.ordered()]
     text = "scene: " + "; ".join(parts)
     if scene.word:
         text += f"; text {scene.word}"
@@ -215,7 +220,7 @@ def _shape(rng: random.Random) -> Example:
 
 
 def _mc_color(rng: random.Random) -> Example:
-    scene = _sample_scene(rng, rng.randint(1, 3), unique="shape")
+    scene = _sample_scene(rng, 1)
     target = rng.choice(scene.objects)
     options = tuple(COLORS)
     q = f"What color is the {target.shape}?\n{_mc_block(options)}\nAnswer with the option's letter from the given choices directly."
@@ -223,7 +228,7 @@ def _mc_color(rng: random.Random) -> Example:
 
 
 def _mc_shape(rng: random.Random) -> Example:
-    scene = _sample_scene(rng, rng.randint(1, 3), unique="color")
+    scene = _sample_scene(rng, 1)
     target = rng.choice(scene.objects)
     options = SHAPES
     q = f"Which shape is {target.color}?\n{_mc_block(options)}\nAnswer with the option's letter from the given choices directly."
@@ -243,12 +248,7 @@ def _caption_detail(rng: random.Random) -> Example:
 def _count(rng: random.Random) -> Example:
     scene = _sample_scene(rng, rng.randint(1, 6))
     cands = [str(i) for i in range(7)]
-    if rng.random() < 0.5:
-        return scene, "How many objects are there? Answer with a number.", str(len(scene.objects)), {"candidates": cands}
-    color = rng.choice([o.color for o in scene.objects] + list(COLORS))
-    left = sum(o.color != color for o in scene.objects)
-    q = f"Subtract all {color} objects. How many objects are left? Answer with a number."
-    return scene, q, str(left), {"candidates": cands}
+    return scene, "How many objects are there? Answer with a number.", str(len(scene.objects)), {"candidates": cands}
 
 
 def _ocr(rng: random.Random) -> Example:
@@ -374,6 +374,7 @@ def build(root: str | Path, config: BuildConfig | None = None, workers: int | No
     root = Path(root)
     stamp = root / "BUILD.json"
     cfg_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
+    cfg_dict["version"] = VERSION
     if stamp.exists() and json.loads(stamp.read_text()).get("config") == cfg_dict:
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -399,6 +400,14 @@ def build(root: str | Path, config: BuildConfig | None = None, workers: int | No
     tmp.write_text(json.dumps({"config": cfg_dict, "counts": counts}, indent=1))
     tmp.replace(stamp)
     return root
+
+
+def _built_version(root: Path) -> int | None:
+    stamp = root / "BUILD.json"
+    try:
+        return json.loads(stamp.read_text()).get("config", {}).get("version", 1)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _write_json(path: Path, records: list[dict]) -> None:
@@ -427,8 +436,8 @@ def ensure_built(root: str | Path | None = None, config: BuildConfig | None = No
     with open(root / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if config is None and (root / "BUILD.json").is_file():
-                return root  # any complete build will do (tests build small ones); an explicit config must match
+            if config is None and _built_version(root) == VERSION:
+                return root  # any complete build of this version will do (tests build small ones)
             return build(root, config)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

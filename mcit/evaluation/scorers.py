@@ -640,12 +640,15 @@ def _preview(ids: list[str], limit: int = 10) -> str:
 _SCENE_OBJECT = re.compile(r"^(small|large) (\w+) (\w+) at ([\w ]+)$")
 
 
-def parse_scene(text: str) -> tuple[dict[str, tuple[str, str, str]], str | None]:
-    """Parse a SynthCIT scene description ("scene: small red circle at top left; ...; text pen") into
-    {position: (size, colour, shape)} and the rendered word. Unparseable parts are ignored."""
+_SCENE_COUNT = re.compile(r"^(\w+) objects?$")
+
+
+def parse_scene(text: str) -> tuple[dict[str, tuple[str, str, str]], str | None, str | None]:
+    """Parse a SynthCIT scene description ("scene: two objects; small red circle at top left; ...; text pen") into
+    {position: (size, colour, shape)}, the rendered word and the stated object count. Unparseable parts are ignored."""
     body = text.strip()
     body = body[len("scene:"):] if body.startswith("scene:") else body
-    objects, word = {}, None
+    objects, word, count = {}, None, None
     for part in body.split(";"):
         part = part.strip()
         if part.startswith("text "):
@@ -655,28 +658,36 @@ def parse_scene(text: str) -> tuple[dict[str, tuple[str, str, str]], str | None]
         if match:
             size, color, shape, where = match.groups()
             objects.setdefault(where.strip(), (size, color, shape))
-    return objects, word
+            continue
+        match = _SCENE_COUNT.match(part)
+        if match and count is None:
+            count = match.group(1)
+    return objects, word, count
 
 
 @register_scorer("scene_attributes")
 @dataclass
 class SceneAttributes(Scorer):
     """Attribute accuracy of a scene description (the tiny base's pretraining bar): for every reference object, its
-    size, colour and shape at its position each count one point, the rendered word one more; a prediction naming an
-    object where there is none costs one point. Per-sample score = points won / points available."""
+    size, colour and shape at its position each count one point, the rendered word one more, the stated object count
+    one more; a prediction naming an object where there is none costs one point. Per-sample score = points won / points
+    available; `exact_match` in details = % of descriptions right in every part."""
 
     name: ClassVar[str] = "scene_attributes"
 
     def score_aligned(self, predictions: list[str], references: list[str], metas: list[dict]) -> ScoreResult:
         per_sample, exact = [], 0
         for pred, ref in zip(predictions, references):
-            p_obj, p_word = parse_scene(pred)
-            r_obj, r_word = parse_scene(ref)
+            p_obj, p_word, p_count = parse_scene(pred)
+            r_obj, r_word, r_count = parse_scene(ref)
             won = sum(a == b for where, attrs in r_obj.items() for a, b in zip(attrs, p_obj.get(where, ("",) * 3)))
             total = 3 * len(r_obj) + len(set(p_obj) - set(r_obj))
             if r_word is not None or p_word is not None:
                 total += 1
                 won += int(r_word == p_word)
+            if r_count is not None:
+                total += 1
+                won += int(r_count == p_count)
             per_sample.append(won / total if total else 1.0)
-            exact += int(p_obj == r_obj and p_word == r_word)
+            exact += int(p_obj == r_obj and p_word == r_word and p_count == r_count)
         return _mean_result(per_sample, exact_match=100.0 * exact / len(predictions))

@@ -175,7 +175,10 @@ def resolve_builtin(name: str) -> Path:
                 "`mcit train recipes/synthcit/pretrain-tiny.yaml` and `mcit export --full` into that folder")
         return ASSET_DIR
     if key == "tiny-llava-init":
-        path = cache_dir() / "models" / "tiny-llava-init"
+        from mcit.data.synthcit import VERSION
+
+        # the tokenizer is trained on SynthCIT's text, so a new generator version gets a new init
+        path = cache_dir() / "models" / f"tiny-llava-init-v{VERSION}"
         if not (path / "config.json").exists():
             create_init(path)
         return path

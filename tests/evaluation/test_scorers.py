@@ -323,3 +323,20 @@ def test_align_by_id_lists_missing_and_extra_ids():
     many_missing = {"x": "p"}
     with pytest.raises(EvalError, match=r"15 reference id\(s\).*\.\.\. \(5 more\)"):
         align_by_id(many_missing, refs)
+
+
+def test_scene_attributes_scores_each_attribute_the_count_and_the_word():
+    from mcit.evaluation.scorers import get_scorer, parse_scene
+
+    ref = "scene: two objects; small red circle at top left; large blue square at center; text pen"
+    assert parse_scene(ref) == ({"top left": ("small", "red", "circle"), "center": ("large", "blue", "square")},
+                                "pen", "two")
+    scorer = get_scorer("scene_attributes")
+    # 3 + 3 attributes, the word and the count: 8 points; wrong colour at center and wrong count lose 2
+    pred = "scene: three objects; small red circle at top left; large green square at center; text pen"
+    result = scorer.score_aligned([pred, ref], [ref, ref], [{}, {}])
+    assert result.per_sample == pytest.approx([6 / 8, 1.0])
+    assert result.details["exact_match"] == pytest.approx(50.0)
+    # an invented object costs a point; a missing count is simply wrong
+    extra = "scene: small red circle at top left; large blue square at center; small red cross at top; text pen"
+    assert scorer.score_aligned([extra], [ref], [{}]).per_sample == pytest.approx([7 / 9])
