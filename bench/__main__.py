@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import runs
-from bench.common import DEFAULT_WORKDIR, REPO, TIMED_THREADS, machine, other_load, read_json, run_child, write_json
+from bench.common import (DEFAULT_WORKDIR, REPO, TIMED_THREADS, machine, other_load, read_json, run_child,
+                          synthcit_samples, write_json)
 
 PARTS = ("train", "mfu", "eval", "router", "quality", "memory")
 
@@ -38,6 +39,8 @@ def part_train(cfg) -> dict[str, Any]:
             _say(f"train: round {r + 1}/{cfg.rounds}, {side}")
             args = [side, "--task", cfg.train_task, "--steps", str(cfg.train_steps), "--batch", str(cfg.batch),
                     "--warmup", str(cfg.warmup), "--threads", str(cfg.threads)]
+            if side == "mcit" and r == cfg.rounds - 1:
+                args.append("--breakdown")  # after the timed steps: does not touch the timing
             out = cfg.workdir / "children" / f"train-{side}-{r}.json"
             rounds.append({"round": r, **run_child("bench.train_speed", args, out, cfg.threads, log=cfg.log)})
     return {"task": cfg.train_task, "steps": cfg.train_steps, "batch": cfg.batch, "warmup": cfg.warmup,
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = cfg.methods.split(",")
     seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else runs.SIZES.get(cfg.quality, {}).get("seeds")
 
+    _say("building SynthCIT if needed (untimed)")
+    synthcit_samples("shape", "train", 1)
     meta = read_json(cfg.workdir / "meta.json") or {}
     meta["machine"] = machine()
     meta["smoke"] = cfg.smoke

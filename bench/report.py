@@ -111,6 +111,13 @@ def section_train(data: dict | None) -> list[str]:
                 ratio = med["mcit"] / med[other]
                 lines.append(f"- mcit / {other}: **{ratio:.2f}×** samples/s (goal ≥ 1.5×: "
                              f"{'met' if ratio >= 1.5 else 'not met'}).")
+    broken = next((r["breakdown"] for r in data["runs"] if r.get("breakdown")), None)
+    if broken:
+        parts = broken["seconds_per_step"]
+        ops = ", ".join(f"`{o['op']}` {100 * o['share']:.0f} %" for o in broken["top_ops"][:6])
+        lines.append(f"- Where an mcit step goes ({broken['steps']} steps re-run after the timed ones, images cached): "
+                     + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items())
+                     + f" (sum {sum(parts.values()):.3f} s). Top operators by self CPU time: {ops}.")
     lines += ["- Machine: " + _load_line(data) + ".", ""]
     return lines
 

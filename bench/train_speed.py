@@ -114,6 +114,50 @@ def count_step_flops(trainer, encoded, steps: list[int]) -> list[float]:
     return out
 
 
+def step_breakdown(trainer, steps: list[int]) -> dict[str, Any]:
+    """Where a step's time goes: wall seconds of batch building, forward, backward and clip + optimizer over `steps`
+    (a second pass over the same batches, after the timed run: images are cached by then, so `batch` is the cached
+    cost), and the top operators of a profiled third pass by self CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mcit.train.loop import autocast_context
+
+    model = trainer.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-9)
+    plan = trainer.plan
+
+    def one_step(step: int, clock: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        batch = trainer._batch(plan.micro_batches[step * plan.grad_accum])
+        t1 = time.perf_counter()
+        with autocast_context(trainer.recipe.model.autocast):
+            loss = model(**batch).loss
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        for key, value in (("batch", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2), ("optimizer", t4 - t3)):
+            clock[key] = clock.get(key, 0.0) + value
+
+    clock: dict[str, float] = {}
+    for step in steps:
+        one_step(step, clock)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in steps:
+            one_step(step, {})
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return {"steps": len(steps), "seconds_per_step": {k: round(v / len(steps), 4) for k, v in clock.items()},
+            "top_ops": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 4), "calls": e.count}
+                        for e in events[:8]]}
+
+
 def run_mcit(args) -> dict[str, Any]:
     workdir = Path(args.out).with_suffix("")
     trainer, stamps, encoded, _ = prepare_mcit(args.task, args.steps, args.batch, args.autocast, workdir)
@@ -126,6 +170,8 @@ def run_mcit(args) -> dict[str, Any]:
     result = {"side": "mcit", "autocast": args.autocast, "steps": plan.steps, "batch": args.batch,
               "final_loss": stats["final_loss"], "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
               **_steady(stamps, sizes, tokens, args.warmup)}
+    if args.breakdown:
+        result["breakdown"] = step_breakdown(trainer, list(range(args.warmup, min(plan.steps, args.warmup + 5))))
     if args.flops:
         timed = list(range(max(1, args.warmup), plan.steps))
         flops = count_step_flops(trainer, encoded, timed)
@@ -259,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--autocast", default="bf16", type=lambda s: None if s in ("none", "null") else s)
     parser.add_argument("--flops", action="store_true")
+    parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--sizes", default="1024,2048,4096")
     run = {"mcit": run_mcit, "trainer": run_trainer, "trainer-tuned": run_trainer, "peak": run_peak}
     child_main(parser, lambda args: run[args.side](args), argv)

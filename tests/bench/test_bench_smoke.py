@@ -1,0 +1,100 @@
+"""The benchmark functions at minimal sizes: they run, count what they claim to count, and the report renders.
+
+No timing is asserted; only structure and the invariants the benchmark numbers rely on (steady-state accounting, the
+FLOP count of a LoRA step below 6·params·tokens, batched answers equal one-at-a-time answers, routed runs route).
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+
+import pytest
+
+from bench import eval_speed, report, router_speed, train_speed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def small_synthcit(synthcit_root, monkeypatch):
+    monkeypatch.setenv("MCIT_SYNTHCIT_ROOT", str(synthcit_root))
+
+
+def _train_args(tmp_path, side: str, **kw) -> Namespace:
+    base = {"side": side, "task": "shape", "steps": 3, "batch": 2, "warmup": 1, "autocast": "bf16", "flops": False,
+            "breakdown": False, "out": str(tmp_path / f"{side}.json")}
+    return Namespace(**{**base, **kw})
+
+
+def test_training_sides_count_the_same_steady_state_work(tmp_path):
+    mcit = train_speed.run_mcit(_train_args(tmp_path, "mcit", flops=True, breakdown=True))
+    plain = train_speed.run_trainer(_train_args(tmp_path, "trainer"))
+    for result in (mcit, plain):
+        assert result["steps"] == 3 and result["timed_steps"] == 2
+        assert result["samples"] == 4  # steps 2..3 of batch 2: the warm-up step is not counted
+        assert result["tokens"] > 36 * result["samples"]  # every sample carries 36 image tokens plus text
+        assert result["samples_per_s"] > 0 and 0 <= result["padding_fraction"] < 1
+    # a frozen base computes no weight gradients: a LoRA step costs less than 6 * params * tokens
+    assert 0 < mcit["flops_counted"] < mcit["flops_6nt"]
+    assert set(mcit["breakdown"]["seconds_per_step"]) == {"batch", "forward", "backward", "optimizer"}
+    assert mcit["breakdown"]["top_ops"] and all(0 <= op["share"] <= 1 for op in mcit["breakdown"]["top_ops"])
+
+
+def test_matmul_peak_reports_both_dtypes():
+    peak = train_speed.matmul_peak(sizes=(64,), repeats=2)
+    assert peak["fp32"]["peak_gflops"] > 0 and peak["bf16"]["peak_gflops"] > 0
+    assert set(peak["fp32"]["by_size_gflops"]) == {"64"}
+
+
+def test_batched_generation_matches_one_at_a_time(tmp_path):
+    args = Namespace(tasks="shape,count", per_task=2, train_steps=1, batch=100, max_new_tokens=4, autocast=None,
+                     out=str(tmp_path / "eval.json"))
+    result = eval_speed.run(args)
+    assert result["samples"] == 4
+    assert result["identical_inputs"] == 4  # the one-at-a-time path feeds the same token ids as the batched one
+    assert result["identical"] == 4, result["differences"]
+    assert result["speedup"] > 0
+
+
+@pytest.mark.parametrize("variant", ["merged", "hide", "disco"])
+def test_router_variants_run_with_the_requested_experts(tmp_path, variant):
+    args = Namespace(variant=variant, experts=2, samples=4, new_tokens=2, batch=100, repeats=1, proto_samples=4,
+                     out=str(tmp_path / f"{variant}.json"))
+    result = router_speed.run(args)
+    assert result["samples"] == 4 and result["seconds"] > 0
+    if variant == "merged":
+        assert result["groups"] == 1 and result["router_accuracy"] is None
+    else:
+        assert result["groups"] >= 1 and result["router_accuracy"] is not None
+
+
+def _quality_run(method: str, seed: int, mfn: float, superficial: float) -> dict:
+    return {"method": method, "seed": seed, "tasks": ["a", "b"], "matrix": [[0, 0], [mfn, 0], [mfn, mfn]],
+            "metrics": {"MFT": mfn, "MFN": mfn, "MAA": mfn, "BWT": 0.0}, "metrics_constrained": {},
+            "final_superficial": [superficial, superficial], "final_essential": [0.0, 0.0], "router_accuracy": None}
+
+
+def test_orderings_are_judged_per_seed():
+    by_method = {"joint": [_quality_run("joint", s, 50 + s, 0) for s in range(3)],
+                 "lora_ft": [_quality_run("lora_ft", s, 10, 0) for s in range(3)],
+                 "replay": [_quality_run("replay", s, [20, 5, 40][s], 0) for s in range(3)],
+                 "olora": [_quality_run("olora", s, 5, 0) for s in range(3)]}
+    rows = {row.split("|")[2].strip(): row for row in report._claim_rows(by_method)}
+    assert rows["joint vs lora_ft"].rstrip(" |").endswith("reproduces")
+    assert "tendency" in rows["replay vs lora_ft"]  # +10, -5, +30: better on the mean, not in every seed
+    assert "does not reproduce" in rows["olora vs lora_ft"]
+    assert "hide vs lora_ft" not in rows  # methods that did not run are not judged
+
+
+def test_report_renders_stored_parts(tmp_path):
+    train = {"task": "shape", "steps": 3, "batch": 2, "warmup": 1, "runs": [
+        {"round": 0, "side": side, "autocast": None, "samples_per_s": sps, "tokens_per_s": 10.0 * sps,
+         "seconds_per_step": 1 / sps, "padding_fraction": 0.1, "final_loss": 1.0}
+        for side, sps in (("mcit", 30.0), ("trainer", 10.0), ("trainer-tuned", 25.0))]}
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    doc = report.write_report(tmp_path, tmp_path / "BENCHMARKS.md")
+    text = doc.read_text()
+    assert "mcit / trainer: **3.00×**" in text and "(goal ≥ 1.5×: met)" in text
+    assert "mcit / trainer-tuned: **1.20×**" in text and "not met" in text
+    assert "## 6. Quality" in text and "Not run." in text
