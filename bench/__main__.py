@@ -20,8 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import runs
-from bench.common import (DEFAULT_WORKDIR, REPO, TIMED_THREADS, machine, other_load, read_json, run_child,
-                          synthcit_samples, write_json)
+from bench.common import (
+    DEFAULT_WORKDIR,
+    REPO,
+    TIMED_THREADS,
+    machine,
+    other_load,
+    read_json,
+    run_child,
+    synthcit_samples,
+    write_json,
+)
 
 PARTS = ("train", "mfu", "eval", "router", "quality", "memory")
 
