@@ -80,7 +80,10 @@ def load_results(run_dir: Path) -> dict:
         if len(grid) != n_stages:
             raise EvalError(f"{file}: '{key}' has {len(grid)} rows, expected one per stage ({n_stages})")
         for r, row in enumerate(grid):
-            if len(row) != n_tasks:
+            if row is None:  # a row not evaluated (the zero-shot row when eval.zero_shot is false)
+                grid[r] = [None] * n_tasks
+                continue
+            if not isinstance(row, list) or len(row) != n_tasks:
                 raise EvalError(f"{file}: '{key}'[{r}] has {len(row)} values, expected one per task ({n_tasks})")
     return results
 

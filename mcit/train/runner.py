@@ -378,7 +378,7 @@ class ContinualRunner:
         self._write_results(results)
         if dist.is_main():
             md = [f"# {results['recipe']} ({results['method']} on {results['benchmark']})", "",
-                  matrix_to_markdown(results["matrix"], results["stages"], results["tasks"]), "",
+                  matrix_to_markdown(filled(results["matrix"]), results["stages"], results["tasks"]), "",
                   metrics_to_markdown(results["metrics"]), ""]
             (self.out / "results.md").write_text("\n".join(md), encoding="utf-8")
             try:

@@ -310,3 +310,15 @@ def test_stage_task_index_out_of_range_is_reported(tmp_path: Path) -> None:
     (run / "results.json").write_text(json.dumps(results))
     with pytest.raises(EvalError, match=r"'stage_tasks'\[3\] has task indices \[3\]"):
         write_report([run])
+
+
+def test_run_without_a_zero_shot_row_still_reports(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    for key in ("matrix", "superficial", "essential", "format_matrix", "constrained_matrix"):
+        if results.get(key) is not None:
+            results[key][0] = None  # eval.zero_shot: false
+    (run / "results.json").write_text(json.dumps(results))
+    md = write_report([run]).read_text()
+    zero_shot = next(line for line in md.splitlines() if line.startswith("| zero-shot"))
+    assert [cell.strip() for cell in zero_shot.strip("|").split("|")[1:]] == ["—"] * len(results["tasks"])
