@@ -96,7 +96,10 @@ def part_quality(cfg, size: str, methods: list[str], seeds: list[int]) -> dict[s
         for method in methods:
             _say(f"quality ({size}): {method}, seed {seed}")
             t0 = time.time()
-            records.append(runs.run_method(cfg.workdir, size, method, seed, cfg.threads, cfg.log))
+            try:
+                records.append(runs.run_method(cfg.workdir, size, method, seed, cfg.threads, cfg.log))
+            except RuntimeError as exc:  # one failed method must not lose the others' hours
+                records.append({"method": method, "seed": seed, "size": size, "error": str(exc).splitlines()[-1]})
             _say(f"quality ({size}): {method}, seed {seed} done in {time.time() - t0:.0f} s")
     return {"size": size, "overrides": runs.SIZES[size]["overrides"], "methods": methods, "seeds": seeds,
             "runs": records}

@@ -126,6 +126,7 @@ def run_child(module: str, args: list[str], out: Path, threads: int, log: Path |
     if out.exists():
         out.unlink()
     cmd = [sys.executable, "-m", module, *args, "--out", str(out)]
+    load_before = other_load()
     stderr = open(log, "a") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
     try:
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(threads), stdout=subprocess.DEVNULL, stderr=stderr)
@@ -139,6 +140,7 @@ def run_child(module: str, args: list[str], out: Path, threads: int, log: Path |
         raise RuntimeError(f"benchmark child {' '.join(cmd)} failed with exit code {proc.returncode}:\n{tail}")
     data = json.loads(out.read_text())
     data["child_peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+    data["load"] = {"before": load_before, "after": other_load()}
     return data
 
 

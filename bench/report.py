@@ -51,7 +51,23 @@ def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
 
 def _pm(values: list[float | None]) -> str:
     mean, sd = _mean_sd(values)
-    return "-" if mean is None else f"{mean:.1f} ± {sd:.1f}"
+    if mean is None:
+        return "-"
+    return f"{mean:.1f}" if sum(v is not None for v in values) == 1 else f"{mean:.1f} ± {sd:.1f}"
+
+
+def _others(run: dict) -> str:
+    """Other processes busy around one child run (ps %CPU: each process's average over its lifetime)."""
+    load = run.get("load")
+    if not load:
+        return "?"
+    busy = {}
+    for moment in ("before", "after"):
+        for p in load[moment].get("busy_processes", []):
+            words = p["command"].split()
+            name = " ".join(w.rsplit("/", 1)[-1] for w in words[1:3]) if len(words) > 1 else words[0]
+            busy[name] = max(busy.get(name, 0.0), p["cpu_percent"])
+    return ", ".join(f"{k} ({v:.0f} %)" for k, v in sorted(busy.items())) or "none"
 
 
 def _load_line(data: dict) -> str:
@@ -118,6 +134,8 @@ def section_train(data: dict | None) -> list[str]:
         lines.append(f"- Where an mcit step goes ({broken['steps']} steps re-run after the timed ones, images cached): "
                      + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items())
                      + f" (sum {sum(parts.values()):.3f} s). Top operators by self CPU time: {ops}.")
+    lines.append("- Other processes busy around each run: " + "; ".join(
+        f"{r['side']} round {r['round'] + 1}: {_others(r)}" for r in data["runs"]) + ".")
     lines += ["- Machine: " + _load_line(data) + ".", ""]
     return lines
 
@@ -203,7 +221,7 @@ def section_memory(data: dict | None) -> list[str]:
              "", "| method | trainable params | optimizer state MiB | peak RSS MiB | checkpoint after task 1 MiB | "
              "added/task MiB | total params after last task |", "|---|---:|---:|---:|---:|---:|---:|"]
     for run in data["runs"]:
-        stages = run["probe"].get("stages", [])
+        stages = run.get("probe", {}).get("stages", [])
         if not stages:
             continue
         last = stages[-1]
@@ -216,6 +234,8 @@ def section_memory(data: dict | None) -> list[str]:
               "evaluation seconds of each row (all tasks evaluated after stage t):", "",
               "| method | train s, stage 1..T | eval s, row 1..T |", "|---|---|---|"]
     for run in data["runs"]:
+        if run.get("error"):
+            continue
         stages = run["probe"].get("stages", [])
         evals = [v for k, v in run["eval_seconds"].items() if k != "zero-shot"]
         train = " / ".join(f"{s['train_seconds']:.1f}" for s in stages)
@@ -257,9 +277,11 @@ def section_quality(data: dict | None) -> list[str]:
     if not data:
         return ["## 6. Quality", "", "Not run.", ""]
     by_method: dict[str, list[dict]] = {}
+    failed = [r for r in data["runs"] if r.get("error")]
     for run in data["runs"]:
-        by_method.setdefault(run["method"], []).append(run)
-    tasks = data["runs"][0]["tasks"] if data["runs"] else []
+        if not run.get("error"):
+            by_method.setdefault(run["method"], []).append(run)
+    tasks = next((r["tasks"] for r in data["runs"] if not r.get("error")), [])
     lines = ["## 6. Quality: every method on SynthCIT", "",
              f"Size `{data['size']}` ({', '.join(data['overrides']) or 'the recipes unchanged'}); seeds "
              f"{', '.join(map(str, data['seeds']))}; tasks {' → '.join(tasks)}. Mean ± standard deviation over seeds. "
@@ -287,6 +309,8 @@ def section_quality(data: dict | None) -> list[str]:
                   "is (MFN points, or points less forgetting); *reproduces* = positive in every seed, *tendency* = "
                   "positive on the mean only.", "",
                   "| claim | pair | metric | advantage of the first, mean (per seed) | verdict |", "|---|---|---|---|---|", *claims]
+    for run in failed:
+        lines.append(f"- **{run['method']} seed {run['seed']} failed**: {run['error']}")
     lines += ["", "- Machine: " + _load_line(data) + f"; the part took {data.get('seconds', 0) / 60:.0f} min.", ""]
     return lines
 

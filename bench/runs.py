@@ -6,8 +6,7 @@ peak-RSS mark is reset (`/proc/self/clear_refs`); after it trains, the optimizer
 stage's peak RSS is read (`VmHWM`). The parent adds the bytes of every stage checkpoint, the runner's own wall-clock
 records (`timing.json`) and the results (`results.json`).
 
-Recipes: `recipes/synthcit/<method>.yaml` for lora_ft, hide, disco, moelora, olora, reglora, sefe; `joint` and
-`replay` are `lora_ft.yaml` with `method.name` switched (replay keeps 5 % of each finished task, i.e. 100 of 2,000).
+Recipes: `recipes/synthcit/<method>.yaml`, unchanged.
 Sizes: `full` = the recipes unchanged (six tasks, 2,000 training / 200 test samples each); `small` =
 `benchmark.max_train` / `benchmark.max_test` cut down (the card loader's seeded subsets), otherwise unchanged.
 """
@@ -32,14 +31,9 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def recipe_for(method: str) -> tuple[Path, list[str]]:
-    folder = REPO / "recipes" / "synthcit"
-    if method == "joint":
-        return folder / "lora_ft.yaml", ["method.name=joint"]
-    if method == "replay":
-        return folder / "lora_ft.yaml", ["method.name=replay", "method.fraction=0.05"]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return folder / f"{method}.yaml", []
+    return REPO / "recipes" / "synthcit" / f"{method}.yaml", []
 
 
 # --- the child ------------------------------------------------------------------------------------------------------
