@@ -66,13 +66,13 @@ def run(args) -> dict[str, Any]:
     generate(model, encoder, samples[:2], PixelCache(processor), batch_size=args.batch,
              max_new_tokens=args.max_new_tokens, autocast=_dtype(args.autocast))
     one_at_a_time(model, processor, samples[:2], args.max_new_tokens, args.autocast)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     batched = generate(model, encoder, samples, PixelCache(processor), batch_size=args.batch,
                        max_new_tokens=args.max_new_tokens, autocast=_dtype(args.autocast))
-    batched_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    batched_s, batched_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     single, prompts = one_at_a_time(model, processor, samples, args.max_new_tokens, args.autocast)
-    single_s = time.perf_counter() - t0
+    single_s, single_cpu = time.perf_counter() - t0, time.process_time() - c0
     same_inputs = sum(p == encoder.prompt_ids(s) for p, s in zip(prompts, samples))
     identical = [a == b for a, b in zip(batched, single)]
     examples = [{"task": s.task, "batched": a, "single": b} for s, a, b in zip(samples, batched, single) if a != b]
@@ -82,7 +82,9 @@ def run(args) -> dict[str, Any]:
             "batched_seconds": round(batched_s, 3), "single_seconds": round(single_s, 3),
             "batched_samples_per_s": round(len(samples) / batched_s, 2),
             "single_samples_per_s": round(len(samples) / single_s, 2),
-            "speedup": round(single_s / batched_s, 2), "identical": sum(identical),
+            "speedup": round(single_s / batched_s, 2), "batched_cpu_seconds": round(batched_cpu, 3),
+            "single_cpu_seconds": round(single_cpu, 3), "speedup_cpu": round(single_cpu / batched_cpu, 2),
+            "identical": sum(identical),
             "identical_inputs": same_inputs, "mean_answer_chars": round(sum(map(len, single)) / len(single), 1),
             "differences": examples[:5]}
 

@@ -83,7 +83,7 @@ def timed_pass(model, method, encoder, pixels, samples, new_tokens: int, batch: 
 
     from mcit.evaluation.generate import generate
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     groups = iter(method.eval_groups(model, samples)) if method is not None else iter(
         [(contextlib.nullcontext(), list(range(len(samples))))])
     first = next(groups)
@@ -94,9 +94,9 @@ def timed_pass(model, method, encoder, pixels, samples, new_tokens: int, batch: 
             generate(model, encoder, [samples[i] for i in indices], pixels, batch_size=batch,
                      max_new_tokens=new_tokens, autocast=autocast)
         count += 1
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     report = method.routing_report() if method is not None else None  # clears the feature cache, as each eval row
-    return {"seconds": total, "routing_seconds": routing, "groups": count,
+    return {"seconds": total, "cpu_seconds": cpu, "routing_seconds": routing, "groups": count,
             "router_accuracy": report.get("accuracy") if report else None}
 
 
@@ -119,6 +119,7 @@ def run(args) -> dict[str, Any]:
     seconds = statistics.median(p["seconds"] for p in passes)
     return {"variant": args.variant, "experts": args.experts, "samples": len(samples), "new_tokens": args.new_tokens,
             "batch": args.batch, "seconds": round(seconds, 4), "all_seconds": [round(p["seconds"], 4) for p in passes],
+            "cpu_seconds": round(statistics.median(p["cpu_seconds"] for p in passes), 4),
             "routing_seconds": round(statistics.median(p["routing_seconds"] for p in passes), 4),
             "groups": passes[0]["groups"], "router_accuracy": passes[0]["router_accuracy"],
             "ms_per_sample": round(1000 * seconds / len(samples), 3)}

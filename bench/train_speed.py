@@ -36,17 +36,26 @@ def _lm_target_regex() -> str:
     return rf"^(?:base_model\.model\.)?model\.language_model\.layers\.\d+\..*\b(?:{'|'.join(DEFAULT_LORA_TARGETS)})$"
 
 
-def _steady(times: list[float], sizes: list[int], tokens: list[int], warmup: int) -> dict[str, Any]:
-    """Throughput of steps warmup+1..N from per-step end timestamps (times[0] = end of step 1)."""
-    if len(times) <= warmup + 1:
-        raise RuntimeError(f"only {len(times)} steps recorded; need more than warmup={warmup} + 1")
-    span = times[-1] - times[warmup - 1] if warmup > 0 else times[-1] - times[0]
+def _stamp() -> tuple[float, float]:
+    """(wall clock, this process's CPU time): CPU time is what the process got, wall what it waited."""
+    return time.perf_counter(), time.process_time()
+
+
+def _steady(stamps: list[tuple[float, float]], sizes: list[int], tokens: list[int], warmup: int) -> dict[str, Any]:
+    """Throughput of steps warmup+1..N from per-step end stamps (stamps[0] = end of step 1).
+
+    `cpu_seconds` (CPU time of all the process's threads over the same steps) stays meaningful when other processes
+    share the cores; `samples_per_cpu_s` compares two sides fairly on a busy machine."""
+    if len(stamps) <= warmup + 1:
+        raise RuntimeError(f"only {len(stamps)} steps recorded; need more than warmup={warmup} + 1")
     first = warmup if warmup > 0 else 1
+    span = stamps[-1][0] - stamps[first - 1][0]
+    cpu = stamps[-1][1] - stamps[first - 1][1]
     samples, toks = sum(sizes[first:]), sum(tokens[first:])
-    steps = len(times) - first
-    return {"timed_steps": steps, "seconds": round(span, 4), "samples": samples, "tokens": toks,
-            "samples_per_s": round(samples / span, 2), "tokens_per_s": round(toks / span, 1),
-            "seconds_per_step": round(span / steps, 4)}
+    steps = len(stamps) - first
+    return {"timed_steps": steps, "seconds": round(span, 4), "cpu_seconds": round(cpu, 4), "samples": samples,
+            "tokens": toks, "samples_per_s": round(samples / span, 2), "tokens_per_s": round(toks / span, 1),
+            "samples_per_cpu_s": round(samples / cpu, 2), "seconds_per_step": round(span / steps, 4)}
 
 
 # --- mcit ----------------------------------------------------------------------------------------------------------
@@ -83,10 +92,10 @@ def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdi
     method.prepare(model, 0, [0])
     encoder = Encoder(processor, recipe.train.max_length)
     encoded = [encoder.encode(s, i) for i, s in enumerate(samples)]
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     trainer = StageTrainer(model, method, recipe, encoded, PixelCache(processor), encoder.tokenizer.pad_token_id,
                            stage=0, label=task, step_dir=workdir / "last-step",
-                           log=lambda record: stamps.append(time.perf_counter()))
+                           log=lambda record: stamps.append(_stamp()))
     return trainer, stamps, encoded, encoder
 
 
@@ -235,11 +244,11 @@ def run_trainer(args) -> dict[str, Any]:
         def __getitem__(self, i):
             return rows[i]
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class Stamp(TrainerCallback):
         def on_step_end(self, *_a, **_k):
-            stamps.append(time.perf_counter())
+            stamps.append(_stamp())
 
     workdir = Path(args.out).with_suffix("")
     training = TrainingArguments(
