@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -111,7 +112,22 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
     print(" ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    # The launcher and its ranks run in their own process group, so that a SIGTERM/SIGINT sent to this wrapper (a
+    # scheduler cancelling the job, Ctrl-C) reaches every rank instead of leaving them running.
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

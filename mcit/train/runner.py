@@ -289,7 +289,8 @@ class ContinualRunner:
                                         "state": method.state()})
             if hasattr(model, "peft_config"):
                 # the tensors gathered above, so that a ZeRO-3 run saves real shapes (loads with plain PEFT)
-                model.save_pretrained(writer.tmp / "adapter", state_dict=tensors)
+                with writer.guard():  # a full disk here ends like one in writer.tensors: clear error, old folder kept
+                    model.save_pretrained(writer.tmp / "adapter", state_dict=tensors)
             writer.commit()
             step = self.ckpt_dir / "last-step"
             if step.exists():

@@ -74,3 +74,36 @@ def test_an_exception_on_one_rank_ends_the_job_within_60_s(tmp_path, synthcit_ro
     assert "[mcit rank 1/2] fatal error" in text
     assert ended - failed_at < 60, f"the job took {ended - failed_at:.0f} s to end after rank 1 failed"
     assert not (tmp_path / "out" / "checkpoints" / "stage-01-shape").exists()
+
+
+def test_sigterm_to_mcit_launch_ends_every_rank(tmp_path, synthcit_root) -> None:
+    """A scheduler cancelling the job signals the wrapper only; the launcher and both ranks must end too."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", synthcit_root, output_dir=out,
+                          train={"batch_size": 8, "save_steps": 0, "deepspeed": "zero2"},
+                          eval={"batch_size": 32, "max_new_tokens": 8, "zero_shot": False})
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MCIT_FAILPOINT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mcit.cli", "launch", str(recipe), "--nproc", "2", "--cpu",
+                             "--master-port", str(_port())], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "log.jsonl").is_file():  # the ranks are up and training
+        assert proc.poll() is None and time.time() < deadline, "the job ended or never started"
+        time.sleep(0.5)
+
+    def ranks() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", str(recipe)], capture_output=True, text=True).stdout.split()
+        return [pid for pid in found if pid != str(proc.pid)]
+
+    assert ranks(), "no launched process names the recipe"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while ranks() and time.time() < deadline:
+        time.sleep(0.5)
+    left = ranks()
+    for pid in left:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not left, f"processes still running 60 s after SIGTERM to mcit launch: {left}"
