@@ -237,6 +237,10 @@ class ContinualRunner:
                 with self._gathered(model):
                     method.after_task(model, stage, task_ids, data)
                     self._save_stage(model, method, stage_dir, stage, label)
+                self._record_timing("storage", label, {
+                    "checkpoint_bytes": sum(f.stat().st_size for f in stage_dir.rglob("*") if f.is_file()),
+                    "trainable_parameters": sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3 shards report 0
+                                                for p in model.parameters() if p.requires_grad)})
             if results["matrix"][stage + 1] is None:
                 self._evaluate_row(model, method, encoder, pixels, card, data, results, stage + 1, autocast, log)
         log.close()
@@ -347,7 +351,9 @@ class ContinualRunner:
         self._write_results(results)
 
     def _record_timing(self, kind: str, label: str, record: dict) -> None:
-        """Wall-clock and memory records go to timing.json: results.json holds only what the seed determines."""
+        """Wall-clock, memory and storage records go to timing.json: results.json holds only what the seed determines
+        (`train`: per stage seconds, samples/s, peak RSS; `eval`: per row and task seconds; `storage`: bytes of each
+        stage checkpoint and trainable parameters)."""
         if not dist.is_main():
             return
         path = self.out / "timing.json"

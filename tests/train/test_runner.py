@@ -53,6 +53,13 @@ def test_results_schema_and_files(finished_run):
     events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert "train" in events and "eval" in events
     assert any((out / "tb").iterdir())
+    timing = json.loads((out / "timing.json").read_text())
+    for label, folder in (("shape", "stage-01-shape"), ("mc-color", "stage-02-mc-color")):
+        files = [f for f in (out / "checkpoints" / folder).rglob("*") if f.is_file()]
+        assert timing["storage"][label]["checkpoint_bytes"] == sum(f.stat().st_size for f in files)
+        assert timing["storage"][label]["trainable_parameters"] > 0
+        assert timing["train"][label]["peak_rss_mb"] > 100
+        assert set(timing["eval"][label]) == {"shape", "mc-color"}
 
 
 def test_stage_adapter_loads_with_plain_peft(finished_run):
