@@ -90,8 +90,16 @@ def part_router(cfg) -> dict[str, Any]:
     return {"runs": results}
 
 
-def part_quality(cfg, size: str, methods: list[str], seeds: list[int]) -> dict[str, Any]:
-    records = []
+def part_quality(cfg, size: str, methods: list[str], seeds: list[int], name: str | None = None) -> dict[str, Any]:
+    """Every method x seed; the part file is rewritten after each run, so a cut-short part still reports."""
+    records: list[dict[str, Any]] = []
+    started = time.time()
+
+    def partial() -> dict[str, Any]:
+        return {"size": size, "overrides": runs.SIZES[size]["overrides"], "methods": methods, "seeds": seeds,
+                "runs": records, "complete": False, "seconds": round(time.time() - started, 1),
+                "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
     for seed in seeds:
         for method in methods:
             _say(f"quality ({size}): {method}, seed {seed}")
@@ -101,13 +109,14 @@ def part_quality(cfg, size: str, methods: list[str], seeds: list[int]) -> dict[s
             except RuntimeError as exc:  # one failed method must not lose the others' hours
                 records.append({"method": method, "seed": seed, "size": size, "error": str(exc).splitlines()[-1]})
             _say(f"quality ({size}): {method}, seed {seed} done in {time.time() - t0:.0f} s")
-    return {"size": size, "overrides": runs.SIZES[size]["overrides"], "methods": methods, "seeds": seeds,
-            "runs": records}
+            if name:
+                write_json(cfg.workdir / f"{name}.json", partial())
+    return {**partial(), "complete": True}
 
 
 def part_memory(cfg, size: str, methods: list[str]) -> dict[str, Any]:
     """Seed-0 runs of every method (reused from the quality part when it ran at this size)."""
-    return part_quality(cfg, size, methods, [0])
+    return part_quality(cfg, size, methods, [0], name="memory")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         load = other_load()
         t0 = time.time()
         if part == "quality":
-            data = part_quality(cfg, cfg.quality, methods, seeds)
             name = f"quality-{cfg.quality}"
+            data = part_quality(cfg, cfg.quality, methods, seeds, name=name)
         elif part == "memory":
             size = cfg.quality if cfg.quality != "skip" else "small"
             data = part_memory(cfg, size, methods)

@@ -300,6 +300,8 @@ def section_quality(data: dict | None) -> list[str]:
             by_method.setdefault(run["method"], []).append(run)
     tasks = next((r["tasks"] for r in data["runs"] if not r.get("error")), [])
     lines = ["## 6. Quality: every method on SynthCIT", "",
+             *([f"**Incomplete: {len(data['runs'])} of {len(data['methods']) * len(data['seeds'])} runs finished "
+                "when this was written.**", ""] if data.get("complete") is False else []),
              f"Size `{data['size']}` ({', '.join(data['overrides']) or 'the recipes unchanged'}); seeds "
              f"{', '.join(map(str, data['seeds']))}; tasks {' → '.join(tasks)}. Mean ± standard deviation over seeds. "
              "Superficial / essential = % of the final row's predictions in the wrong format / in the right format "
