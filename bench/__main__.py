@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = read_json(cfg.workdir / "meta.json") or {}
     meta["machine"] = machine()
     meta["smoke"] = cfg.smoke
+    write_json(cfg.workdir / "meta.json", meta)
     for part in parts:
         if part == "quality" and cfg.quality == "skip":
             continue
