@@ -290,6 +290,11 @@ def _value(run: dict, metric: str) -> float | None:
     return run["metrics"].get(metric)
 
 
+def _train_settings(data: dict) -> str:
+    seen = {tuple(sorted((r.get("train") or {}).items())) for r in data["runs"] if not r.get("error")}
+    return "; ".join(", ".join(f"{k} {v}" for k, v in s if v is not None) for s in sorted(seen)) or "?"
+
+
 def section_quality(data: dict | None) -> list[str]:
     if not data:
         return ["## 6. Quality", "", "Not run.", ""]
@@ -303,7 +308,8 @@ def section_quality(data: dict | None) -> list[str]:
              *([f"**Incomplete: {len(data['runs'])} of {len(data['methods']) * len(data['seeds'])} runs finished "
                 "when this was written.**", ""] if data.get("complete") is False else []),
              f"Size `{data['size']}` ({', '.join(data['overrides']) or 'the recipes unchanged'}); seeds "
-             f"{', '.join(map(str, data['seeds']))}; tasks {' → '.join(tasks)}. Mean ± standard deviation over seeds. "
+             f"{', '.join(map(str, data['seeds']))}; tasks {' → '.join(tasks)}; training settings as run: "
+             f"{_train_settings(data)}. Mean ± standard deviation over seeds. "
              "Superficial / essential = % of the final row's predictions in the wrong format / in the right format "
              "but wrong, averaged over tasks. Router accuracy = % of test samples routed to their task's expert "
              "in the final row. joint and lora_ft are the upper and lower bounds.", "",

@@ -24,7 +24,7 @@ from bench.common import REPO, read_json, run_child, write_json
 METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "sefe")
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "seeds": [0, 1, 2]},
-    "small": {"overrides": ["benchmark.max_train=256", "benchmark.max_test=32"], "seeds": [0, 1, 2]},
+    "small": {"overrides": ["benchmark.max_train=128", "benchmark.max_test=24"], "seeds": [0, 1, 2]},
     "tiny": {"overrides": ["benchmark.max_train=32", "benchmark.max_test=4", "benchmark.tasks=[shape,mc-color,count]",
                            "train.batch_size=16"], "seeds": [0]},
 }
@@ -135,7 +135,11 @@ def collect(folder: Path, method: str, seed: int, size: str, command: list[str])
     ckpt_bytes = [_folder_bytes(d) for d in stage_dirs]
     eval_seconds = {label: round(sum(v for v in tasks.values() if isinstance(v, int | float)), 2)
                     for label, tasks in timing.get("eval", {}).items()}
-    return {"method": method, "seed": seed, "size": size, "folder": str(folder), "command": command,
+    import yaml
+
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) if (folder / "recipe.yaml").is_file() else {}
+    train = {k: recipe.get("train", {}).get(k) for k in ("epochs", "lr", "batch_size", "max_steps")}
+    return {"method": method, "seed": seed, "size": size, "folder": str(folder), "command": command, "train": train,
             "tasks": results["tasks"], "stages": results["stages"], "matrix": results["matrix"],
             "metrics": results["metrics"], "metrics_constrained": results.get("metrics_constrained", {}),
             "final_superficial": results.get("final_superficial"), "final_essential": results.get("final_essential"),
