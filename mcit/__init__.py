@@ -1,3 +1,17 @@
 """mcit: multimodal continual instruction tuning for LLaVA-style models."""
 
 __version__ = "0.1.0"
+
+
+def load(path: str):
+    """Load anything `mcit eval` accepts — a run's stage folder, an `mcit export --experts` folder (every expert with
+    its router, restored exactly), a PEFT adapter folder or a full model — as `(model, processor, method, recipe)`.
+
+    Routed methods (hide, disco) route inside `method.eval_groups(model, samples)`; `mcit.evaluation.evaluate`
+    and `mcit.evaluation.generate` use it, e.g.::
+
+        model, processor, method, recipe = mcit.load("exported/hide")
+    """
+    from mcit.evaluation.standalone import load_for_eval
+
+    return load_for_eval(path, None)

@@ -3,6 +3,7 @@
 Accepted checkpoints:
 - a run's stage folder (`RUN/checkpoints/stage-03-count`): the run's recipe rebuilds the model and the method
   (adapters, routers, prototypes) exactly as the runner left it after that stage;
+- an expert-set export (`mcit export RUN --experts`): the same as the stage folder it was exported from;
 - a PEFT adapter folder (`adapter_config.json`): loaded onto its base model with plain PEFT;
 - a full model: an HF model id, a local `save_pretrained` folder, or `builtin:tiny-llava`.
 """
@@ -54,9 +55,16 @@ def _plain_method(recipe: Recipe) -> Method:
     return method
 
 
+def exported_stage(path: Path) -> Path | None:
+    """The stage folder of an `mcit export --experts` folder (recipe.yaml + checkpoints/ with one stage), else None."""
+    stages = sorted(path.glob("checkpoints/stage-*")) if (path / "recipe.yaml").is_file() else []
+    return stages[-1] if len(stages) == 1 and (stages[0] / "method.json").is_file() else None
+
+
 def load_for_eval(checkpoint: str, recipe: Recipe | None):
     """(model, processor, method, recipe) for any accepted checkpoint kind."""
     path = Path(checkpoint).expanduser()
+    path = exported_stage(path) or path
     if (path / "method.json").is_file():
         run_recipe = path.parent.parent / "recipe.yaml"
         if not run_recipe.is_file():

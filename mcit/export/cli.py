@@ -46,6 +46,7 @@ from mcit.export.merge import (
     split_lora_state,
 )
 from mcit.export.stage import ADAPTER_WEIGHTS, Stage, find_stage, load_adapter
+from mcit.train import checkpoint as ckpt
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -64,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float, help=f"kept fraction for ties/dare/copa (default {DEFAULT_DENSITY})")
     parser.add_argument("--adapters", help="comma-separated adapter names to export (default: all in the stage)")
     parser.add_argument("--full", action="store_true", help="merge into the base weights; save a full model")
+    parser.add_argument("--experts", action="store_true",
+                        help="export the stage as it is (every expert, router and method state); load it with "
+                             "mcit.load(DIR) or evaluate it with `mcit eval --checkpoint DIR`")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of a --full model's weights (default: the recipe's)")
     parser.add_argument("--base-model", help="base model name for the card and adapter_config (default: recipe's)")
     parser.add_argument("--license", help="license id for the model card (default: the recipe's, else 'other')")
@@ -77,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export as `args` asks; print where it went. Errors are McitError subclasses (the CLI prints them)."""
+    if args.experts and (args.full or args.merge or args.weights or args.adapters):
+        raise McitError("--experts exports the stage unchanged; it cannot be combined with --full, --merge, "
+                        "--weights or --adapters")
     stage = find_stage(args.source, args.stage)
     out = Path(args.out).expanduser().resolve()
     _check_out(out, args.force, stage)
@@ -85,14 +92,18 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        provenance = export_stage(stage, tmp, merge=args.merge, weights=weights, density=args.density,
-                                  adapters=_names(args.adapters), full=args.full, dtype=args.dtype,
-                                  base_model=args.base_model, license=args.license, repo_id=args.push)
+        if args.experts:
+            provenance = export_experts(stage, tmp, base_model=args.base_model, license=args.license,
+                                        repo_id=args.push)
+        else:
+            provenance = export_stage(stage, tmp, merge=args.merge, weights=weights, density=args.density,
+                                      adapters=_names(args.adapters), full=args.full, dtype=args.dtype,
+                                      base_model=args.base_model, license=args.license, repo_id=args.push)
         _shareable(tmp)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    what = "full model" if args.full else "adapter"
+    what = "expert set" if args.experts else "full model" if args.full else "adapter"
     merged = f", merged with {provenance['merge']['method']}" if provenance.get("merge") else ""
     print(f"exported the {what} of stage {stage.number} ({stage.label}){merged}: {out}")
     if args.push:
@@ -137,6 +148,37 @@ def export_stage(stage: Stage, out: Path, *, merge: str | None = None, weights: 
         provenance["dtype"] = dtype or recipe.model.dtype
     _write_card(stage, out, provenance, license, repo_id)
     _write_recipe(stage, out)
+    (out / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return provenance
+
+
+def export_experts(stage: Stage, out: Path, *, base_model: str | None = None, license: str | None = None,
+                   repo_id: str | None = None) -> dict[str, Any]:
+    """Write the stage unchanged as a one-stage run folder: `recipe.yaml`, `results.json` and
+    `checkpoints/<stage>/` with the files its manifest lists (every expert, the router's prototypes, the method
+    state). `mcit.load(out)` and `mcit eval --checkpoint out` rebuild the routed model exactly as the run left it."""
+    recipe = stage.recipe
+    base_model = base_model or _public_base_name(recipe.model.name_or_path)
+    target = out / "checkpoints" / stage.folder.name
+    target.mkdir(parents=True)
+    files = ckpt.manifest_files(stage.folder)
+    for name in [*files, ckpt.MANIFEST]:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(stage.folder / name, target / name)
+    ckpt.open_checkpoint(target)  # the copy verifies against the manifest
+    if stage.results is None:
+        raise CheckpointError(f"{stage.run_dir}: results.json is missing (the task order); resume the run first")
+    (out / "results.json").write_text(json.dumps(stage.results, indent=1) + "\n", encoding="utf-8")
+    data = recipe.to_dict()
+    data.pop("source", None)
+    data["output_dir"] = "."
+    (out / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    provenance: dict[str, Any] = {
+        "created_by": f"mcit export {mcit.__version__}", "recipe": recipe.name, "seed": recipe.seed,
+        "method": stage.method, "stage": stage.number, "stage_label": stage.label, "artifact": "experts",
+        "base_model": base_model, "merge": None,
+    }
+    _write_card(stage, out, provenance, license, repo_id)
     (out / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return provenance
 

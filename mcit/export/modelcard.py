@@ -5,7 +5,7 @@ dict that `build_model_card(info)` renders. Keys of `info`:
 
     model_name (str), base_model (str), method (str), benchmark (str), tasks (list[str]), stages (list[str]),
     matrix (list[list[float | None]], rows = stages, 0-100), metrics (dict: MFT, MFN, MAA, BWT, ...),
-    artifact ("adapter" | "merged" | "full": a full fine-tune without LoRA), merge (str | None, the merge algorithm when several task LoRAs were merged),
+    artifact ("adapter" | "merged" | "full": a full fine-tune without LoRA | "experts": the routed expert set), merge (str | None, the merge algorithm when several task LoRAs were merged),
     hyperparameters (dict, flattened to dotted keys), license (str | None), scorers (dict task -> scorer name),
     seed (int | None), repo_id (str | None)
 
@@ -37,6 +37,7 @@ ARTIFACTS = {
     "adapter": "LoRA adapter (PEFT)",
     "merged": "full model with the LoRA merged into the weights",
     "full": "full model (every language-model weight fine-tuned, no adapter)",
+    "experts": "expert set (every task's LoRA expert with the router and method state, as trained)",
 }
 CONTINUAL_METRICS = {
     "MFT": "mean of each task's score right after training it",
@@ -141,7 +142,7 @@ def build_model_card(info: dict[str, Any]) -> ModelCard:
     base_model = info["base_model"]
     card_data = ModelCardData(
         base_model=base_model if _is_hub_id(base_model) else None,
-        library_name="peft" if artifact == "adapter" else "transformers",
+        library_name="peft" if artifact in ("adapter", "experts") else "transformers",
         license=license_id or "other",
         pipeline_tag=PIPELINE_TAG,
         tags=[tag for tag in TAGS if artifact != "full" or tag != "lora"],
@@ -222,6 +223,10 @@ def _body(info: dict[str, Any], license_id: str | None) -> str:
                      "with `mcit eval` to measure what the merge kept.")
     elif artifact == "full":
         lines.append("No merging: every weight of the language model was trained; this is the model as trained.")
+    elif artifact == "experts":
+        lines.append("No merging: every expert is kept with the router's prototypes and the method's state, so "
+                     "routed inference is exactly that of the run; load it with `mcit.load(folder)` or evaluate it "
+                     "with `mcit eval --checkpoint folder`.")
     else:
         lines.append("No merging: this is the adapter as trained, after its last training stage.")
     lines += [
@@ -251,7 +256,7 @@ def _body(info: dict[str, Any], license_id: str | None) -> str:
             f'processor = AutoProcessor.from_pretrained("{base}")',
             "```",
         ]
-    elif artifact != "adapter" and info.get("repo_id"):
+    elif artifact not in ("adapter", "experts") and info.get("repo_id"):
         lines += [
             "",
             "## Usage",

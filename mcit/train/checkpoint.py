@@ -169,6 +169,11 @@ def open_checkpoint(folder: Path) -> Path:
     return folder
 
 
+def manifest_files(folder: Path) -> list[str]:
+    """The files a verified checkpoint consists of (relative names, as its manifest lists them)."""
+    return sorted(_manifest_files(open_checkpoint(folder)))
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path)) if path.is_file() else {}
 
