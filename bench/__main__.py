@@ -151,12 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     methods = cfg.methods.split(",")
     seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else runs.SIZES.get(cfg.quality, {}).get("seeds")
 
-    _say("building SynthCIT if needed (untimed)")
-    synthcit_samples("shape", "train", 1)
     meta = read_json(cfg.workdir / "meta.json") or {}
-    meta["machine"] = machine()
-    meta["smoke"] = cfg.smoke
-    write_json(cfg.workdir / "meta.json", meta)
+    if parts:  # `report` alone keeps the machine record of the measured run
+        _say("building SynthCIT if needed (untimed)")
+        synthcit_samples("shape", "train", 1)
+        meta["machine"] = machine()
+        meta["smoke"] = cfg.smoke
+        write_json(cfg.workdir / "meta.json", meta)
     for part in parts:
         if part == "quality" and cfg.quality == "skip":
             continue
@@ -173,11 +174,11 @@ def main(argv: list[str] | None = None) -> None:
             data = {"train": part_train, "mfu": part_mfu, "eval": part_eval, "router": part_router}[part](cfg)
             name = part
         data.update({"load_before": load, "load_after": other_load(), "seconds": round(time.time() - t0, 1),
+                     "mcit_commit": meta["machine"]["mcit_commit"],
                      "threads": cfg.threads, "base_sha256": meta["machine"]["base_sha256"],
                      "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         write_json(cfg.workdir / f"{name}.json", data)
         _say(f"{part}: done in {data['seconds']} s")
-    write_json(cfg.workdir / "meta.json", meta)
     from bench.report import write_report
 
     path = write_report(cfg.workdir, cfg.doc)

@@ -59,7 +59,7 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mcit", "bench"], cwd=REPO, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mcit", "bench", "recipes"], cwd=REPO, capture_output=True,
                                text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("+local changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
