@@ -100,15 +100,38 @@ def test_generation_stops_at_max_new_tokens(tiny):
     assert sorted(answers) == sorted(tiny.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows)
 
 
-def test_generation_stops_at_the_generation_config_eos(tiny):
+@pytest.fixture(scope="module")
+def pretrained(tiny):
+    """The shipped base: its answers vary from token to token (a random init repeats one token forever)."""
+    from mcit.models.tiny import resolve_builtin
+
+    path = resolve_builtin("builtin:tiny-llava")
+    processor = AutoProcessor.from_pretrained(path)
+    return SimpleNamespace(model=LlavaForConditionalGeneration.from_pretrained(path),
+                           encoder=Encoder(processor, max_length=256), pixels=PixelCache(processor),
+                           tokenizer=processor.tokenizer, samples=tiny.samples)
+
+
+def test_generation_stops_at_the_generation_config_eos(pretrained):
     """Any id the generation config names ends an answer, even one decoding would not drop; other rows run on."""
-    first, other = tiny.samples[0], tiny.samples[4]
-    with spy_generate(tiny.model) as calls:
-        generate(tiny.model, tiny.encoder, [first, other], tiny.pixels, max_new_tokens=5)
-    (kwargs, _), = calls
-    at = kwargs["attention_mask"].sum(1).tolist().index(len(tiny.encoder.prompt_ids(first)))  # batch is length-sorted
-    row, other_row = new_tokens(calls)[at], new_tokens(calls)[1 - at]
-    cut = next(k for k in range(1, 5) if row[k] not in row[:k] and row[k] not in other_row)
+    tiny = pretrained
+    first = tiny.samples[0]
+    for other in tiny.samples[1:]:  # a partner whose answer differs, so that a token of `first` is unique to it
+        with spy_generate(tiny.model) as calls:
+            generate(tiny.model, tiny.encoder, [first, other], tiny.pixels, max_new_tokens=5)
+        if len(calls) != 1:  # (a text-only partner is generated in its own batch)
+            continue
+        (kwargs, _), = calls
+        lengths = kwargs["attention_mask"].sum(1).tolist()
+        if lengths[0] == lengths[1]:
+            continue
+        at = lengths.index(len(tiny.encoder.prompt_ids(first)))  # batch is length-sorted
+        row, other_row = new_tokens(calls)[at], new_tokens(calls)[1 - at]
+        cut = next((k for k in range(1, 5) if row[k] not in row[:k] and row[k] not in other_row), None)
+        if cut is not None:
+            break
+    else:
+        pytest.fail("no test sample pair gives the first sample a token the other row never generates")
     config = tiny.model.generation_config
     saved = config.eos_token_id
     config.eos_token_id = row[cut]
