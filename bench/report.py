@@ -370,7 +370,7 @@ def write_report(workdir: Path, doc: Path) -> Path:
         lines += ["**Smoke run (minimal sizes): these numbers check the plumbing and mean nothing.**", ""]
     lines += ["## Reproduce", "", "```bash",
               "bash scripts/setup.sh && source .venv/bin/activate",
-              "python -m bench                              # all parts, quality at `small` size (~30 min on 2 cores)",
+              "python -m bench                              # all parts, quality `small`: ~35 min on 2 free cores (estimate)",
               "python -m bench quality --quality full       # the quality table at full size (9 methods x 3 seeds)",
               "python -m bench report                       # rewrite this file from the stored results",
               "bash bench/run.sh                            # the same as `python -m bench`", "```", ""]
