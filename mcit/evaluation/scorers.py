@@ -338,7 +338,22 @@ def get_scorer(name: str, **options: Any) -> Scorer:
     if unknown:
         valid = sorted(option_names | ({f.name for f in fields(Normalizer)} if "normalizer" in option_names else set()))
         raise EvalError(f"scorer {name!r} got unknown option(s) {unknown}; valid options: {valid}")
+    _check_option_types(name, cls, options)
     return _REGISTRY[name](**options)
+
+
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {"bool": (bool,), "float": (int, float), "int": (int,), "str": (str,)}
+
+
+def _check_option_types(owner: str, cls: type, options: Mapping[str, Any]) -> None:
+    """A scalar option of the wrong type is an error naming it (``meteor: "yes"`` would otherwise be truthy)."""
+    declared = {f.name: f.type for f in fields(cls)}
+    for key, value in options.items():
+        allowed = _OPTION_TYPES.get(str(declared.get(key)))
+        if allowed is None:
+            continue
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            raise EvalError(f"scorer {owner!r}: option {key!r} must be {declared[key]}, got {value!r}")
 
 
 def _fold_normalizer_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -348,12 +363,14 @@ def _fold_normalizer_options(options: dict[str, Any]) -> dict[str, Any]:
         bad = sorted(set(base) - norm_fields)
         if bad:
             raise EvalError(f"unknown normalizer option(s) {bad}; valid: {sorted(norm_fields)}")
+        _check_option_types("normalizer", Normalizer, base)
         base = Normalizer(**base)
     elif base == "strict":
         base = Normalizer.strict()
     elif base is not None and not isinstance(base, Normalizer):
         raise EvalError(f"normalizer must be a Normalizer, a dict of its options or 'strict', got {base!r}")
     flat = {k: options.pop(k) for k in list(options) if k in norm_fields}
+    _check_option_types("normalizer", Normalizer, flat)
     if base is None and not flat:
         return options
     return {**options, "normalizer": replace(base or Normalizer(), **flat)}

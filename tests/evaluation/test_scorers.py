@@ -340,3 +340,12 @@ def test_scene_attributes_scores_each_attribute_the_count_and_the_word():
     # an invented object costs a point; a missing count is simply wrong
     extra = "scene: small red circle at top left; large blue square at center; small red cross at top; text pen"
     assert scorer.score_aligned([extra], [ref], [{}]).per_sample == pytest.approx([7 / 9])
+
+
+@pytest.mark.parametrize("name, options, key", [("caption", {"meteor": "first"}, "meteor"),
+                                                ("iou", {"threshold": True}, "threshold"),
+                                                ("exact_match", {"lowercase": 1}, "lowercase"),
+                                                ("exact_match", {"normalizer": {"drop_articles": "no"}}, "drop_articles")])
+def test_an_option_of_the_wrong_type_is_refused_by_name(name, options, key):
+    with pytest.raises(EvalError, match=f"option '{key}' must be"):
+        get_scorer(name, **options)
