@@ -73,9 +73,10 @@ def evaluate_task(model, method, encoder: Encoder, pixels: PixelCache, spec: Tas
         with context:
             outs = generate(model, encoder, group, pixels, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             autocast=autocast, progress=None)
-        for i, out in zip(indices, outs, strict=True):
+        routes = getattr(context, "routes", None) or [None] * len(indices)
+        for i, out, route in zip(indices, outs, routes, strict=True):
             predictions[i] = out
-            routed[i] = getattr(context, "route", None)
+            routed[i] = route
     preds = [p or "" for p in predictions]
     scorer = get_scorer(spec.scorer, **spec.scorer_options)
     result = scorer(preds, [s.answer for s in samples], [s.meta for s in samples])

@@ -376,12 +376,13 @@ def _thumbnails(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class RoutedContext:
-    """The evaluation context of one group: routed inference on; `.route` names the group's (top) expert."""
+    """The evaluation context of one group: routed inference on; `.routes[k]` names the top expert of the group's
+    k-th sample."""
 
     def __init__(self, bank: ExpertBank, routing: SampleRouting, model, experts: Sequence[str],
-                 fused_layers: set[int], fusion: str, route: str):
+                 fused_layers: set[int], fusion: str, routes: Sequence[str]):
         self.bank, self.routing, self.model = bank, routing, model
-        self.experts, self.fused_layers, self.fusion, self.route = list(experts), fused_layers, fusion, route
+        self.experts, self.fused_layers, self.fusion, self.routes = list(experts), fused_layers, fusion, list(routes)
         self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> RoutedContext:
@@ -533,11 +534,11 @@ class ExpertMethod(Method):
             self._routes[(sample.task, sample.id)] = (experts[e], self.expert_of_task(sample.task))
         routing = SampleRouting(self.ctx.processor, self.recipe.train.max_length, self._thumbnails)
         routing.register(samples, weights)
-        fused = self._fused_layers(model)
-        for e in sorted(set(top)):
-            label = f"{experts[e]}:{'+'.join(self.expert_tasks[experts[e]])}"
-            context = RoutedContext(self._bank, routing, model, experts, fused, self.fusion, label)
-            yield context, [i for i, t in enumerate(top) if t == e]
+        labels = [f"{experts[e]}:{'+'.join(self.expert_tasks[experts[e]])}" for e in top]
+        # One group: the per-sample weights reach every batch row, so samples routed to different experts share
+        # batches (splitting by top expert would shrink the batches and multiply the generate calls).
+        yield RoutedContext(self._bank, routing, model, experts, self._fused_layers(model), self.fusion,
+                            labels), list(range(len(samples)))
 
     def routing_report(self) -> dict[str, Any] | None:
         """Router accuracy (%) over samples of trained tasks, and a true-task x routed-task confusion (counts); reset.
