@@ -256,10 +256,16 @@ def _check_values(recipe: Recipe, where: str) -> None:
             raise RecipeError(f"{where}: {key}: expected {expected}")
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file (following `extends`), apply `dotted.key=value` overrides, validate."""
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, *, settings_only: bool = False) -> Recipe:
+    """Read a recipe file (following `extends`), apply `dotted.key=value` overrides, validate.
+
+    ``settings_only``: the recipe only supplies model/eval settings (``mcit eval``, ``mcit analyze``), so a missing
+    ``output_dir`` is fine (a base recipe such as ``recipes/synthcit/base.yaml`` works).
+    """
     path = Path(path).expanduser().resolve()
     data = apply_overrides(_read_yaml(path), overrides or [])
+    if settings_only and isinstance(data, dict):
+        data.setdefault("output_dir", ".")
     recipe = recipe_from_dict(data, where=str(path))
     recipe.source = str(path)
     card = recipe.benchmark.card

@@ -76,3 +76,13 @@ def test_to_dict_round_trips():
     recipe = recipe_from_dict({"output_dir": "x", "method": {"name": "replay", "per_task": 7}})
     again = recipe_from_dict(recipe.to_dict())
     assert again == recipe
+
+
+def test_a_settings_recipe_needs_no_output_dir_but_a_training_recipe_does():
+    from pathlib import Path
+
+    base = Path(__file__).resolve().parents[1] / "recipes" / "synthcit" / "base.yaml"
+    with pytest.raises(RecipeError, match="output_dir"):
+        load_recipe(base)
+    recipe = load_recipe(base, settings_only=True)
+    assert recipe.model.name_or_path == "builtin:tiny-llava" and recipe.eval.max_new_tokens == 24

@@ -215,7 +215,7 @@ def run_cka(args: argparse.Namespace) -> int:
     features: dict[str, dict[int, torch.Tensor]] = {}
     for label, checkpoint in zip(labels, checkpoints):
         # A fresh recipe per checkpoint: load_for_eval edits the recipe it is given.
-        recipe = load_recipe(args.recipe) if args.recipe else None
+        recipe = load_recipe(args.recipe, settings_only=True) if args.recipe else None
         model, processor, method, _ = load_for_eval(checkpoint, recipe)
         if getattr(model, "hf_quantizer", None) is None:
             model.to(device)

@@ -92,7 +92,7 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
     from mcit.data.validate import validate_card
     from mcit.train.runner import prepare_card
 
-    recipe = load_recipe(recipe_path) if recipe_path else None
+    recipe = load_recipe(recipe_path, settings_only=True) if recipe_path else None
     model, processor, method, recipe = load_for_eval(checkpoint, recipe)
     recipe.benchmark.card = benchmark
     recipe.benchmark.tasks = tasks
