@@ -3,7 +3,7 @@
 Each variant gets T = `--experts` LoRA experts built through the method's own hooks (`prepare`, `before_task` which
 computes the task prototypes from `--proto-samples` training samples per task, `after_task`), with random non-zero B
 factors (latency does not depend on trained values). The timed call is what evaluation runs for every task: routing
-(`eval_groups`: router features, per-sample weights, grouping by top expert) plus generation under each group's
+(`eval_groups`: router features and per-sample weights, one group for all samples) plus generation under its
 context. Every variant generates exactly `--new-tokens` tokens per sample (`min_new_tokens = max_new_tokens`), so
 latencies compare equal work. Variants:
 
