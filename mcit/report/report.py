@@ -501,6 +501,9 @@ def comparison_values(run: Run) -> dict[str, float | None]:
     row["superficial"] = _mean(kinds.last_superficial) if kinds else None
     row["essential"] = _mean(kinds.last_essential) if kinds else None
     row["router accuracy"] = router_accuracy(run.results)
+    constrained = run.results.get("metrics_constrained") or {}
+    row["constrained MFN"] = constrained.get("MFN")
+    row["constrained BWT"] = constrained.get("BWT")
     return row
 
 
@@ -511,9 +514,11 @@ def _comparison_section(doc: Document, runs: list[Run]) -> None:
         doc.para(summary_line(run))
     doc.para(
         "superficial / essential: mean % of wrong-format / wrong-content predictions on the tasks trained before "
-        "the last stage, after the last stage. Router accuracy as stored (not drawn in the chart)."
+        "the last stage, after the last stage. Constrained MFN / BWT: the same metrics on likelihood-ranked answers "
+        "(closed-answer tasks only; format-independent, so a constrained BWT near 0 means the knowledge is still "
+        "there). Router accuracy and the constrained columns are not drawn in the chart."
     )
-    header = ["method", *COMPARISON, "router accuracy"]
+    header = ["method", *COMPARISON, "constrained MFN", "constrained BWT", "router accuracy"]
     doc.table(header, [[r.label, *(fmt(row[k]) for k in header[1:])] for r, row in zip(runs, rows)])
     doc.image(
         plots.method_comparison(

@@ -238,6 +238,8 @@ def test_multi_run_comparison_lists_both_methods(tmp_path: Path) -> None:
         metrics = json.loads((run / "results.json").read_text())["metrics"]
         assert by_method[name][1:4] == [fmt(metrics["MFT"]), fmt(metrics["MFN"]), fmt(metrics["MAA"])]
     assert by_method["lora_ft"][-1] == "93.25" and by_method["ewc"][-1] == "—"
+    c_mfn, c_bwt = table[0].index("constrained MFN"), table[0].index("constrained BWT")
+    assert by_method["lora_ft"][c_mfn] == fmt(77.75) and by_method["lora_ft"][c_bwt] == fmt(-15.5)
     refs = image_refs(md)
     assert "comparison.png" in refs and "run1-accuracy_matrix.png" in refs and "run2-accuracy_matrix.png" in refs
     assert "run2-router_confusion.png" not in refs
