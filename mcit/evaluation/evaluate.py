@@ -44,13 +44,22 @@ class TaskResult:
 
 
 def _candidates(sample: Sample) -> list[str] | None:
+    """The valid answers constrained scoring ranks: letters for multiple choice, else ``meta["candidates"]``."""
     meta = sample.meta
     if meta.get("style") == "letter":
         choices = meta.get("choices")
+        if choices is not None and not (isinstance(choices, list | tuple) and 0 < len(choices) <= 26):
+            raise EvalError(f"sample {sample.id!r} (task {sample.task!r}): meta['choices'] must be a list of 1-26 "
+                            f"options, got {type(choices).__name__}")
         count = len(choices) if choices else 4
         return [chr(ord("A") + i) for i in range(count)]
     cands = meta.get("candidates")
-    return list(cands) if cands else None
+    if cands is None:
+        return None
+    if not isinstance(cands, list | tuple) or not all(isinstance(c, str) and c for c in cands):
+        raise EvalError(f"sample {sample.id!r} (task {sample.task!r}): meta['candidates'] must be a list of "
+                        f"non-empty strings, got {cands!r:.80}")
+    return list(cands) or None
 
 
 def _constrained_hit(reference: str, choice: str, style: str) -> bool:

@@ -1,0 +1,28 @@
+"""The valid answers that constrained scoring ranks, and clear errors for malformed sample metadata."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcit.data.records import Sample
+from mcit.errors import EvalError
+from mcit.evaluation.evaluate import _candidates
+
+
+def sample(**meta) -> Sample:
+    return Sample(id="s1", task="t", image=None, turns=[("Which?", "A")], meta=meta)
+
+
+def test_letters_follow_the_number_of_choices_and_candidates_are_copied():
+    assert _candidates(sample(style="letter", choices=["x", "y", "z"])) == ["A", "B", "C"]
+    assert _candidates(sample(style="letter")) == ["A", "B", "C", "D"]
+    assert _candidates(sample(candidates=("circle", "square"))) == ["circle", "square"]
+    assert _candidates(sample(style="word")) is None and _candidates(sample(candidates=[])) is None
+
+
+@pytest.mark.parametrize("meta", [{"style": "letter", "choices": "ABCD"}, {"style": "letter", "choices": 4},
+                                  {"style": "letter", "choices": list(range(27))}, {"candidates": "circle"},
+                                  {"candidates": ["circle", 3]}, {"candidates": ["circle", ""]}])
+def test_malformed_metadata_is_an_eval_error_naming_the_sample(meta):
+    with pytest.raises(EvalError, match="sample 's1' \\(task 't'\\)"):
+        _candidates(sample(**meta))
