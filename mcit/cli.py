@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoints/stage-XX-* folder, adapter folder or model")
     p.add_argument("--benchmark", required=True, help="data card name or path")
     p.add_argument("--tasks", help="comma-separated task subset")
-    p.add_argument("--output", help="folder for results.json and predictions (default: next to the checkpoint)")
+    p.add_argument("--output", help="folder for results.json and predictions (default: RUN/eval/STAGE-CARD for a run's stage "
+                   "folder, else FOLDER/eval-CARD)")
     p.add_argument("--recipe", help="recipe for a bare model/adapter (model settings, eval settings)")
     p.add_argument("--max-test", type=int, help="evaluate at most this many samples per task")
     p.add_argument("--batch-size", type=int, default=64)

@@ -86,6 +86,15 @@ def load_for_eval(checkpoint: str, recipe: Recipe | None):
     return model, processor, _plain_method(recipe), recipe
 
 
+def default_output(checkpoint: Path, card: str) -> Path:
+    """Where `mcit eval` writes without `--output`: `<run>/eval/<stage>-<card>` for a run's stage folder (the stage
+    folder itself stays exactly what its manifest lists), `<folder>/eval-<card>` for any other folder, else
+    `./eval-<card>` (a Hub id or `builtin:` name)."""
+    if checkpoint.is_dir() and checkpoint.parent.name == "checkpoints" and (checkpoint / "method.json").is_file():
+        return checkpoint.parent.parent / "eval" / f"{checkpoint.name}-{card}"
+    return (checkpoint if checkpoint.is_dir() else Path(".")) / f"eval-{card}"
+
+
 def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | None = None,
                         output_dir: str | None = None, recipe_path: str | None = None, max_test: int | None = None,
                         batch_size: int = 64, constrained: bool = True) -> Path:
@@ -104,8 +113,7 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
         raise DataError(f"data card {card.name!r} has problems in its test splits:\n{report.format()}")
     test = {t.name: card.load_task(t.name, "test", seed=recipe.seed) for t in card.tasks}
     encoder = Encoder(processor, recipe.train.max_length)
-    out = Path(output_dir) if output_dir else (Path(checkpoint) if Path(checkpoint).is_dir() else Path(".")) / \
-        f"eval-{card.name}"
+    out = Path(output_dir) if output_dir else default_output(Path(checkpoint), card.name)
     out.mkdir(parents=True, exist_ok=True)
     rows = evaluate_tasks(model, method, encoder, PixelCache(processor), card.tasks, test, batch_size=batch_size,
                           max_new_tokens=recipe.eval.max_new_tokens, autocast=AUTOCAST[recipe.model.autocast],

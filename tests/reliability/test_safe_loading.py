@@ -205,4 +205,4 @@ def test_mcit_eval_refuses_a_damaged_stage_checkpoint(run_copy, damage, capsys) 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("mcit eval: error: ")
     assert "adapter/adapter_model.safetensors" in err[0]
-    assert not (stage / "eval-synthcit-mini").exists()
+    assert not (out / "eval").exists() and not (stage / "eval-synthcit-mini").exists()

@@ -1,4 +1,4 @@
-"""The valid answers that constrained scoring ranks, and clear errors for malformed sample metadata."""
+"""Evaluation helpers: constrained-scoring candidates (clear errors for malformed metadata), default output folder."""
 
 from __future__ import annotations
 
@@ -26,3 +26,16 @@ def test_letters_follow_the_number_of_choices_and_candidates_are_copied():
 def test_malformed_metadata_is_an_eval_error_naming_the_sample(meta):
     with pytest.raises(EvalError, match="sample 's1' \\(task 't'\\)"):
         _candidates(sample(**meta))
+
+
+def test_default_eval_output_keeps_stage_folders_clean(tmp_path):
+    from mcit.evaluation.standalone import default_output
+
+    stage = tmp_path / "run" / "checkpoints" / "stage-02-count"
+    stage.mkdir(parents=True)
+    (stage / "method.json").write_text("{}")
+    assert default_output(stage, "synthcit") == tmp_path / "run" / "eval" / "stage-02-count-synthcit"
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    assert default_output(folder, "synthcit") == folder / "eval-synthcit"
+    assert default_output(tmp_path / "org/model-id", "synthcit").name == "eval-synthcit"
