@@ -195,6 +195,19 @@ def forgetting_kinds(results: dict) -> ForgettingKinds | None:
     )
 
 
+def superficial_rise(results: dict) -> float | None:
+    """Mean over the tasks trained before the last stage of (wrong-format % after the last stage - the same right
+    after the task's own stage): superficial forgetting as a change, not a level."""
+    sup = results.get("superficial")
+    if not sup:
+        return None
+    last = len(results["stages"]) - 1
+    firsts = first_stages(results)
+    rises = [sup[last][i] - sup[firsts[i]][i] for i in earlier_tasks(results, last)
+             if sup[last][i] is not None and sup[firsts[i]][i] is not None]
+    return _mean(rises)
+
+
 def router_accuracy(results: dict) -> float | None:
     """The last non-null router accuracy as stored (a scalar or one value per stage)."""
     acc = (results.get("router") or {}).get("accuracy")
@@ -499,6 +512,7 @@ def comparison_values(run: Run) -> dict[str, float | None]:
     row: dict[str, float | None] = {m: metrics.get(m) for m in METRICS}
     kinds = forgetting_kinds(run.results)
     row["superficial"] = _mean(kinds.last_superficial) if kinds else None
+    row["Δ superficial"] = superficial_rise(run.results) if kinds else None
     row["essential"] = _mean(kinds.last_essential) if kinds else None
     row["router accuracy"] = router_accuracy(run.results)
     constrained = run.results.get("metrics_constrained") or {}
@@ -514,11 +528,11 @@ def _comparison_section(doc: Document, runs: list[Run]) -> None:
         doc.para(summary_line(run))
     doc.para(
         "superficial / essential: mean % of wrong-format / wrong-content predictions on the tasks trained before "
-        "the last stage, after the last stage. Constrained MFN / BWT: the same metrics on likelihood-ranked answers "
+        "the last stage, after the last stage; Δ superficial: its rise since each task's own stage. Constrained MFN / BWT: the same metrics on likelihood-ranked answers "
         "(closed-answer tasks only; format-independent, so a constrained BWT near 0 means the knowledge is still "
         "there). Router accuracy and the constrained columns are not drawn in the chart."
     )
-    header = ["method", *COMPARISON, "constrained MFN", "constrained BWT", "router accuracy"]
+    header = ["method", *COMPARISON, "Δ superficial", "constrained MFN", "constrained BWT", "router accuracy"]
     doc.table(header, [[r.label, *(fmt(row[k]) for k in header[1:])] for r, row in zip(runs, rows)])
     doc.image(
         plots.method_comparison(

@@ -239,6 +239,9 @@ def test_multi_run_comparison_lists_both_methods(tmp_path: Path) -> None:
         assert by_method[name][1:4] == [fmt(metrics["MFT"]), fmt(metrics["MFN"]), fmt(metrics["MAA"])]
     assert by_method["lora_ft"][-1] == "93.25" and by_method["ewc"][-1] == "—"
     c_mfn, c_bwt = table[0].index("constrained MFN"), table[0].index("constrained BWT")
+    # tasks 0, 1 (first trained at stages 1, 2) before the last stage 3: wrong-format rise since their own stage
+    rise = ((SUPERFICIAL[3][0] - SUPERFICIAL[1][0]) + (SUPERFICIAL[3][1] - SUPERFICIAL[2][1])) / 2
+    assert by_method["lora_ft"][table[0].index("Δ superficial")] == fmt(rise)
     assert by_method["lora_ft"][c_mfn] == fmt(77.75) and by_method["lora_ft"][c_bwt] == fmt(-15.5)
     refs = image_refs(md)
     assert "comparison.png" in refs and "run1-accuracy_matrix.png" in refs and "run2-accuracy_matrix.png" in refs
