@@ -25,7 +25,7 @@ import contextlib
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -86,16 +86,35 @@ class Factors:
     b: torch.Tensor | None
     ranks: list[int]
     dense: torch.Tensor | None = None
+    _casts: dict = field(default_factory=dict, repr=False, compare=False)
+    """Factors in the compute dtype (autocast runs in bf16), made once instead of on every call."""
+
+    def _as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        tensor = getattr(self, name)
+        if tensor.dtype == dtype:
+            return tensor
+        key = (name, dtype)
+        if key not in self._casts:
+            self._casts[key] = tensor.to(dtype)
+        return self._casts[key]
+
+    def _rank_index(self, device: torch.device) -> torch.Tensor:
+        """Expert index of every rank channel, so per-expert weights expand to channels with one gather."""
+        key = ("rank_index", device)
+        if key not in self._casts:
+            self._casts[key] = torch.repeat_interleave(torch.arange(len(self.ranks), device=device),
+                                                       torch.tensor(self.ranks, device=device))
+        return self._casts[key]
 
     def delta(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's extra output for input x (N, ..., d_in); `weights` (N, E) scales each expert per sample."""
         if self.dense is not None:
-            return x @ self.dense.to(x.dtype).T
-        h = x @ self.a.to(x.dtype).T
+            return x @ self._as("dense", x.dtype).T
+        h = x @ self._as("a", x.dtype).T
         if weights is not None:
-            scale = torch.repeat_interleave(weights.to(h.dtype), torch.tensor(self.ranks, device=h.device), dim=-1)
+            scale = weights.to(h.dtype)[:, self._rank_index(h.device)]
             h = h * scale.view(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[-1])
-        return h @ self.b.to(h.dtype).T
+        return h @ self._as("b", h.dtype).T
 
 
 def _expert_factors(module, experts: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
