@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import platform
 import random
 import sys
@@ -154,24 +155,34 @@ class ContinualRunner:
 
     # --- run folder ------------------------------------------------------------------------------------------------
     def _claim_folder(self) -> None:
+        """Refuse a folder holding another recipe's run; the main rank checks and writes first, the other ranks
+        check after the barrier (never while the main rank is writing the file)."""
         saved = self.out / "recipe.yaml"
-        current = self.recipe.to_dict()
-        current.pop("source", None)
-        if saved.is_file():
-            previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-            previous.pop("source", None)
-            if previous != current:
-                changed = sorted(_diff_keys(previous, current))
-                raise RecipeError(f"{self.out} holds a run of a different recipe (changed: {', '.join(changed)}); "
-                                  "resume with the same recipe or choose another output_dir")
         if dist.is_main():
+            self._check_same_recipe(saved)
             self.out.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
             ckpt.clean_stale(self.ckpt_dir)
             if not saved.is_file():
-                save_recipe(self.recipe, saved)
+                tmp = saved.with_name(f".recipe.yaml.tmp-{os.getpid()}")
+                save_recipe(self.recipe, tmp)
+                os.replace(tmp, saved)
             ckpt.write_json_atomic(self.out / "env.json", environment(self.recipe))
         dist.barrier()
+        if not dist.is_main():
+            self._check_same_recipe(saved)
+
+    def _check_same_recipe(self, saved: Path) -> None:
+        if not saved.is_file():
+            return
+        current = self.recipe.to_dict()
+        current.pop("source", None)
+        previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        previous.pop("source", None)
+        if previous != current:
+            changed = sorted(_diff_keys(previous, current))
+            raise RecipeError(f"{self.out} holds a run of a different recipe (changed: {', '.join(changed)}); "
+                              "resume with the same recipe or choose another output_dir")
 
     def _stage_dir(self, stage: int, label: str) -> Path:
         return self.ckpt_dir / f"stage-{stage + 1:02d}-{label}"
