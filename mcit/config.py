@@ -277,6 +277,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, *, 
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe atomically (a temporary file renamed into place): a reader never sees half of it."""
     data = recipe.to_dict()
     data.pop("source", None)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import platform
 import random
 import sys
@@ -164,9 +163,7 @@ class ContinualRunner:
             self.ckpt_dir.mkdir(exist_ok=True)
             ckpt.clean_stale(self.ckpt_dir)
             if not saved.is_file():
-                tmp = saved.with_name(f".recipe.yaml.tmp-{os.getpid()}")
-                save_recipe(self.recipe, tmp)
-                os.replace(tmp, saved)
+                save_recipe(self.recipe, saved)
             ckpt.write_json_atomic(self.out / "env.json", environment(self.recipe))
         dist.barrier()
         if not dist.is_main():
