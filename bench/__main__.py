@@ -40,18 +40,20 @@ def _say(text: str) -> None:
 
 
 def part_train(cfg) -> dict[str, Any]:
-    """A B C A B C ...: mcit, Trainer defaults, Trainer tuned, alternating in one session."""
+    """A B C A B C ...: mcit, Trainer defaults, Trainer tuned, alternating in one session; with the recipes' LoRA
+    dropout, then without it."""
     sides = ["mcit", "trainer", "trainer-tuned"]
     rounds = []
-    for r in range(cfg.rounds):
-        for side in sides:
-            _say(f"train: round {r + 1}/{cfg.rounds}, {side}")
-            args = [side, "--task", cfg.train_task, "--steps", str(cfg.train_steps), "--batch", str(cfg.batch),
-                    "--warmup", str(cfg.warmup), "--threads", str(cfg.threads)]
-            if side == "mcit" and r == cfg.rounds - 1:
-                args.append("--breakdown")  # after the timed steps: does not touch the timing
-            out = cfg.workdir / "children" / f"train-{side}-{r}.json"
-            rounds.append({"round": r, **run_child("bench.train_speed", args, out, cfg.threads, log=cfg.log)})
+    for dropout in ("0.05", "0"):  # the recipes' LoRA dropout (headline), then the diagnostic pair without masks
+        for r in range(cfg.rounds):
+            for side in sides:
+                _say(f"train: dropout {dropout}, round {r + 1}/{cfg.rounds}, {side}")
+                args = [side, "--task", cfg.train_task, "--steps", str(cfg.train_steps), "--batch", str(cfg.batch),
+                        "--warmup", str(cfg.warmup), "--threads", str(cfg.threads), "--dropout", dropout]
+                if side == "mcit" and r == cfg.rounds - 1:
+                    args.append("--breakdown")  # after the timed steps: does not touch the timing
+                out = cfg.workdir / "children" / f"train-{side}-d{dropout}-{r}.json"
+                rounds.append({"round": r, **run_child("bench.train_speed", args, out, cfg.threads, log=cfg.log)})
     return {"task": cfg.train_task, "steps": cfg.train_steps, "batch": cfg.batch, "warmup": cfg.warmup,
             "runs": rounds}
 
@@ -80,37 +82,65 @@ def part_eval(cfg) -> dict[str, Any]:
 
 def part_router(cfg) -> dict[str, Any]:
     results = []
-    plan = [("merged", 1), ("lora", 1)] + [(v, t) for v in ("hide", "disco") for t in cfg.router_experts]
-    for variant, experts in plan:
-        _say(f"router: {variant} with {experts} expert(s)")
+    plan = [("merged", 1, None), ("lora", 1, None)] + [(v, t, None) for v in ("hide", "disco")
+                                                      for t in cfg.router_experts]
+    top = max(cfg.router_experts)  # the same at a wider language model: the overhead is a small-model effect?
+    plan += [("merged", 1, cfg.router_width), ("lora", 1, cfg.router_width), ("hide", top, cfg.router_width),
+             ("disco", top, cfg.router_width)]
+    for variant, experts, width in plan:
+        _say(f"router: {variant} with {experts} expert(s)" + (f", width {width}" if width else ""))
         args = [variant, "--experts", str(experts), "--samples", str(cfg.router_samples), "--repeats",
                 str(cfg.router_repeats), "--proto-samples", str(cfg.proto_samples), "--threads", str(cfg.threads)]
-        out = cfg.workdir / "children" / f"router-{variant}-{experts}.json"
+        if width:
+            args += ["--width", str(width)]
+        out = cfg.workdir / "children" / f"router-{variant}-{experts}{f'-w{width}' if width else ''}.json"
         results.append(run_child("bench.router_speed", args, out, cfg.threads, log=cfg.log))
     return {"runs": results}
 
 
 def part_quality(cfg, size: str, methods: list[str], seeds: list[int], name: str | None = None) -> dict[str, Any]:
-    """Every method x seed; the part file is rewritten after each run, so a cut-short part still reports."""
+    """Every method x seed; the part file is rewritten after each run, so a cut-short part still reports.
+
+    Seed 0 runs one at a time with all `--threads` (part 5 reads its timings); the other seeds run `--jobs` at a time
+    with one thread each: a tiny model's step scales poorly past one thread, so two one-thread runs side by side finish
+    the table sooner than two two-thread runs in a row."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     records: list[dict[str, Any]] = []
     started = time.time()
+    lock = threading.Lock()
 
     def partial() -> dict[str, Any]:
+        ordered = sorted(records, key=lambda r: (r["seed"], methods.index(r["method"])))
         return {"size": size, "overrides": runs.SIZES[size]["overrides"], "methods": methods, "seeds": seeds,
-                "runs": records, "complete": False, "seconds": round(time.time() - started, 1),
+                "runs": ordered, "complete": False, "seconds": round(time.time() - started, 1),
                 "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
-    for seed in seeds:
-        for method in methods:
-            _say(f"quality ({size}): {method}, seed {seed}")
-            t0 = time.time()
-            try:
-                records.append(runs.run_method(cfg.workdir, size, method, seed, cfg.threads, cfg.log))
-            except RuntimeError as exc:  # one failed method must not lose the others' hours
-                records.append({"method": method, "seed": seed, "size": size, "error": str(exc).splitlines()[-1]})
-            _say(f"quality ({size}): {method}, seed {seed} done in {time.time() - t0:.0f} s")
+    def one(method: str, seed: int, threads: int) -> None:
+        _say(f"quality ({size}): {method}, seed {seed} ({threads} thread{'s' if threads > 1 else ''})")
+        t0 = time.time()
+        try:
+            record = runs.run_method(cfg.workdir, size, method, seed, threads, cfg.log)
+        except RuntimeError as exc:  # one failed method must not lose the others' hours
+            record = {"method": method, "seed": seed, "size": size, "error": str(exc).splitlines()[-1]}
+        _say(f"quality ({size}): {method}, seed {seed} done in {time.time() - t0:.0f} s")
+        with lock:
+            records.append(record)
             if name:
                 write_json(cfg.workdir / f"{name}.json", partial())
+
+    first, rest = [s for s in seeds if s == 0], [s for s in seeds if s != 0]
+    for seed in first:
+        for method in methods:
+            one(method, seed, cfg.threads)
+    jobs = [(m, s) for s in rest for m in methods]
+    if cfg.jobs > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+            list(pool.map(lambda job: one(*job, 1), jobs))
+    else:
+        for method, seed in jobs:
+            one(method, seed, cfg.threads)
     return {**partial(), "complete": True}
 
 
@@ -129,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     parser.add_argument("--threads", type=int, default=TIMED_THREADS)
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="quality runs of seeds other than 0 side by side, one thread each (1 = in a row)")
     parser.add_argument("--smoke", action="store_true", help="minimal sizes everywhere (checks the plumbing)")
     cfg = parser.parse_args(argv)
     parts = list(PARTS) if "all" in cfg.parts else [p for p in cfg.parts if p != "report"]
@@ -137,11 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from all, report, {', '.join(PARTS)}")
     sizes = {"train_task": "caption", "train_steps": 40, "batch": 32, "warmup": 5, "rounds": 2,
              "eval_per_task": 50, "eval_train_steps": 40, "router_samples": 120, "router_repeats": 3,
-             "router_experts": [2, 4, 6], "proto_samples": 64}
+             "router_experts": [2, 4, 6], "proto_samples": 64, "router_width": 1024}
     if cfg.smoke:
         sizes.update({"train_steps": 4, "batch": 4, "warmup": 1, "rounds": 1, "eval_per_task": 2,
                       "eval_train_steps": 1, "router_samples": 4, "router_repeats": 1, "router_experts": [2],
-                      "proto_samples": 4})
+                      "proto_samples": 4, "router_width": 320})
         if cfg.quality != "skip":
             cfg.quality = "tiny"
     for key, value in sizes.items():

@@ -13,7 +13,13 @@ latencies compare equal work. Variants:
 - `disco`: recipe settings with one slot per task (`reuse_threshold: null`), every layer routed, text prototypes.
 
 The same test samples (evenly from the first T SynthCIT tasks) go through every variant; the median of `--repeats`
-timed passes is reported, each pass with the router's feature cache cleared (as at every evaluation row).
+timed passes is reported, each pass with the router's feature cache cleared (as at every evaluation row). One more,
+untimed pass runs under torch's `FlopCounterMode`, so the time ratio can be read against the work ratio.
+
+`--width W` swaps the shipped base for a randomly initialised copy whose language model is W wide (same depth,
+vocabulary, processor and vision tower): the rank channels a routed layer adds cost R (d_in + d_out) per token
+against the base layer's d_in d_out, so the overhead shrinks with the model's width (at d = 4096, LLaVA-1.5-7B,
+R = 48 adds about 2 % to a layer).
 """
 
 from __future__ import annotations
@@ -39,7 +45,33 @@ def _randomize_lora(model, adapter: str, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
 
 
-def build(variant: str, experts: int, proto_samples: int, workdir: Path):
+def wide_base(width: int, folder: Path) -> Path:
+    """A random-init tiny LLaVA whose language model is `width` wide, with the shipped processor (built once)."""
+    import os
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from mcit.models.tiny import TinyLlavaSpec, build_model, resolve_builtin
+
+    path = folder / f"tiny-llava-w{width}"
+    if (path / "config.json").is_file():
+        return path
+    processor = AutoProcessor.from_pretrained(resolve_builtin("builtin:tiny-llava"))
+    spec = TinyLlavaSpec(text_hidden=width, text_heads=max(1, width // 64),
+                         text_intermediate=64 * round(width * 2.75 / 64))
+    model = build_model(spec, processor.tokenizer)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def build(variant: str, experts: int, proto_samples: int, workdir: Path, width: int | None = None):
     """(model, method or None, encoder, processor) with `experts` experts (1 for merged / lora)."""
     from mcit.config import load_recipe
     from mcit.data.collate import Encoder
@@ -53,6 +85,8 @@ def build(variant: str, experts: int, proto_samples: int, workdir: Path):
     overrides = [f"output_dir={workdir}", f"benchmark.tasks=[{','.join(tasks)}]"]
     if variant == "disco":
         overrides.append("method.reuse_threshold=null")
+    if width:
+        overrides.append(f"model.name_or_path={wide_base(width, workdir.parent)}")
     recipe = load_recipe(repo / "recipes" / "synthcit" / f"{recipe_file}.yaml", overrides)
     seed_everything(0)
     model, processor = load_base(recipe.model)
@@ -105,7 +139,8 @@ def run(args) -> dict[str, Any]:
     from mcit.train.loop import AUTOCAST
 
     workdir = Path(args.out).with_suffix("")
-    model, method, encoder, processor, recipe = build(args.variant, args.experts, args.proto_samples, workdir)
+    model, method, encoder, processor, recipe = build(args.variant, args.experts, args.proto_samples, workdir,
+                                                      args.width)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.generation_config.min_new_tokens = args.new_tokens
     tasks = TASKS[:args.experts]
@@ -117,12 +152,19 @@ def run(args) -> dict[str, Any]:
     passes = [timed_pass(model, method, encoder, pixels, samples, args.new_tokens, args.batch, autocast)
               for _ in range(args.repeats)]
     seconds = statistics.median(p["seconds"] for p in passes)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        timed_pass(model, method, encoder, pixels, samples, args.new_tokens, args.batch, autocast)
+    config = getattr(model, "config", None) or model.get_base_model().config
     return {"variant": args.variant, "experts": args.experts, "samples": len(samples), "new_tokens": args.new_tokens,
             "batch": args.batch, "seconds": round(seconds, 4), "all_seconds": [round(p["seconds"], 4) for p in passes],
             "cpu_seconds": round(statistics.median(p["cpu_seconds"] for p in passes), 4),
             "routing_seconds": round(statistics.median(p["routing_seconds"] for p in passes), 4),
             "groups": passes[0]["groups"], "router_accuracy": passes[0]["router_accuracy"],
-            "ms_per_sample": round(1000 * seconds / len(samples), 3)}
+            "ms_per_sample": round(1000 * seconds / len(samples), 3), "flops": float(counter.get_total_flops()),
+            "width": config.text_config.hidden_size}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--proto-samples", type=int, default=64)
+    parser.add_argument("--width", type=int, default=None, help="language-model width of a random-init base "
+                        "(default: the shipped base)")
     child_main(parser, run, argv)
 
 

@@ -93,6 +93,7 @@ def worker(recipe_path: str, overrides: list[str], out: Path) -> None:
     t0 = time.perf_counter()
     ContinualRunner(recipe).run()
     write_json(out, {"stages": stages, "wall_seconds": round(time.perf_counter() - t0, 2),
+                     "threads": torch.get_num_threads(),
                      "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
 
 
@@ -143,7 +144,7 @@ def collect(folder: Path, method: str, seed: int, size: str, command: list[str])
             "tasks": results["tasks"], "stages": results["stages"], "matrix": results["matrix"],
             "metrics": results["metrics"], "metrics_constrained": results.get("metrics_constrained", {}),
             "final_superficial": results.get("final_superficial"), "final_essential": results.get("final_essential"),
-            "router_accuracy": results.get("router", {}).get("accuracy"),
+            "router_accuracy": results.get("router", {}).get("accuracy"), "threads": probe.get("threads"),
             "probe": probe, "checkpoint_bytes": ckpt_bytes, "eval_seconds": eval_seconds,
             "runner_timing": timing.get("train", {})}
 

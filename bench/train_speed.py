@@ -14,6 +14,10 @@ dropped, so the numbers are steady-state steps.
   `bf16=True` and `group_by_length` (`trainer-tuned`: the two switches a user would try first).
 
 Tokens/s counts real tokens (image placeholders included, padding excluded) of the timed steps.
+
+`--dropout 0` runs either side without LoRA dropout: a diagnostic pair, not the headline. The dropout masks cost both
+sides the same (the CPU's random-number generator is serial), so without them the ratio shows what the training loop
+itself saves.
 """
 
 from __future__ import annotations
@@ -60,17 +64,19 @@ def _steady(stamps: list[tuple[float, float]], sizes: list[int], tokens: list[in
 
 # --- mcit ----------------------------------------------------------------------------------------------------------
 
-def mcit_recipe(task: str, steps: int, batch: int, autocast: str | None, workdir: Path):
+def mcit_recipe(task: str, steps: int, batch: int, autocast: str | None, workdir: Path,
+                dropout: float = LORA["dropout"]):
     from mcit.config import load_recipe
 
     overrides = [f"output_dir={workdir}", f"benchmark.tasks=[{task}]", f"train.max_steps={steps}",
                  f"train.batch_size={batch}", "train.save_steps=0", "train.log_steps=1",
                  f"method.lora.r={LORA['r']}", f"method.lora.alpha={LORA['alpha']}",
-                 f"method.lora.dropout={LORA['dropout']}", f"model.autocast={autocast or 'null'}"]
+                 f"method.lora.dropout={dropout}", f"model.autocast={autocast or 'null'}"]
     return load_recipe(Path(__file__).resolve().parents[1] / RECIPE, overrides)
 
 
-def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdir: Path, method_name: str = "lora_ft"):
+def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdir: Path, method_name: str = "lora_ft",
+                 dropout: float = LORA["dropout"]):
     """A model with the method's adapter, the encoded samples and a StageTrainer ready to run (untimed)."""
     from mcit.data.collate import Encoder, PixelCache
     from mcit.methods.base import RunContext, TaskData, build_method
@@ -79,7 +85,7 @@ def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdi
     from mcit.train.runner import seed_everything
 
     tasks = task.split(",")
-    recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir)
+    recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir, dropout)
     recipe.method.name = method_name
     per_task = -(-steps * batch // len(tasks))
     samples = [s for name in tasks for s in synthcit_samples(name, "train", per_task)][:steps * batch]
@@ -169,14 +175,16 @@ def step_breakdown(trainer, steps: list[int]) -> dict[str, Any]:
 
 def run_mcit(args) -> dict[str, Any]:
     workdir = Path(args.out).with_suffix("")
-    trainer, stamps, encoded, _ = prepare_mcit(args.task, args.steps, args.batch, args.autocast, workdir)
+    trainer, stamps, encoded, _ = prepare_mcit(args.task, args.steps, args.batch, args.autocast, workdir,
+                                               dropout=args.dropout)
     plan = trainer.plan
     sizes = [len(plan.micro_batches[s]) for s in range(plan.steps)]
     tokens = [sum(len(encoded[i]) for i in plan.micro_batches[s]) for s in range(plan.steps)]
     padded = [len(plan.micro_batches[s]) * max(len(encoded[i]) for i in plan.micro_batches[s])
               for s in range(plan.steps)]
     stats = trainer.run()
-    result = {"side": "mcit", "autocast": args.autocast, "steps": plan.steps, "batch": args.batch,
+    result = {"side": "mcit", "autocast": args.autocast, "dropout": args.dropout, "steps": plan.steps,
+              "batch": args.batch,
               "final_loss": stats["final_loss"], "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
               **_steady(stamps, sizes, tokens, args.warmup)}
     if args.breakdown:
@@ -205,7 +213,7 @@ def run_trainer(args) -> dict[str, Any]:
     torch.manual_seed(0)
     processor = AutoProcessor.from_pretrained(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=args.dropout,
                                              target_modules=_lm_target_regex(), bias="none"))
     samples = synthcit_samples(args.task, "train", args.steps * args.batch)
     image_tokens = processor.num_image_tokens if hasattr(processor, "num_image_tokens") else 36
@@ -272,7 +280,8 @@ def run_trainer(args) -> dict[str, Any]:
     out = trainer.train()
     sizes, tokens = [s[0] for s in seen[:len(stamps)]], [s[1] for s in seen[:len(stamps)]]
     padded = [s[2] for s in seen[:len(stamps)]]
-    return {"side": args.side, "autocast": "bf16" if tuned else None, "steps": len(stamps), "batch": args.batch,
+    return {"side": args.side, "autocast": "bf16" if tuned else None, "dropout": args.dropout, "steps": len(stamps),
+            "batch": args.batch,
             "final_loss": out.training_loss, "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
             **_steady(stamps, sizes, tokens, args.warmup)}
 
@@ -295,9 +304,9 @@ def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict[str, Any]:
                 torch.mm(a, b)
                 times.append(time.perf_counter() - t0)
             rate = 2 * n ** 3 / min(times)
-            per_size[str(n)] = round(rate / 1e9, 1)
+            per_size[str(n)] = round(rate / 1e9, 3)
             best = max(best, rate)
-        out[name] = {"peak_gflops": round(best / 1e9, 1), "by_size_gflops": per_size}
+        out[name] = {"peak_gflops": round(best / 1e9, 3), "by_size_gflops": per_size}
     return out
 
 
@@ -313,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--autocast", default="bf16", type=lambda s: None if s in ("none", "null") else s)
+    parser.add_argument("--dropout", type=float, default=LORA["dropout"],
+                        help="LoRA dropout of both sides (0 = the diagnostic pair without dropout masks)")
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--sizes", default="1024,2048,4096")

@@ -23,7 +23,7 @@ def small_synthcit(synthcit_root, monkeypatch):
 
 def _train_args(tmp_path, side: str, **kw) -> Namespace:
     base = {"side": side, "task": "shape", "steps": 3, "batch": 2, "warmup": 1, "autocast": "bf16", "flops": False,
-            "breakdown": False, "out": str(tmp_path / f"{side}.json")}
+            "breakdown": False, "dropout": 0.05, "out": str(tmp_path / f"{side}.json")}
     return Namespace(**{**base, **kw})
 
 
@@ -42,9 +42,9 @@ def test_training_sides_count_the_same_steady_state_work(tmp_path):
 
 
 def test_matmul_peak_reports_both_dtypes():
-    peak = train_speed.matmul_peak(sizes=(64,), repeats=2)
+    peak = train_speed.matmul_peak(sizes=(128,), repeats=2)
     assert peak["fp32"]["peak_gflops"] > 0 and peak["bf16"]["peak_gflops"] > 0
-    assert set(peak["fp32"]["by_size_gflops"]) == {"64"}
+    assert set(peak["fp32"]["by_size_gflops"]) == {"128"}
 
 
 def test_batched_generation_matches_one_at_a_time(tmp_path):
@@ -57,16 +57,29 @@ def test_batched_generation_matches_one_at_a_time(tmp_path):
     assert result["speedup"] > 0
 
 
+def _router(tmp_path, variant: str, width: int | None = None) -> dict:
+    args = Namespace(variant=variant, experts=2, samples=4, new_tokens=2, batch=100, repeats=1, proto_samples=4,
+                     width=width, out=str(tmp_path / f"{variant}-{width}.json"))
+    return router_speed.run(args)
+
+
 @pytest.mark.parametrize("variant", ["merged", "hide", "disco"])
 def test_router_variants_run_with_the_requested_experts(tmp_path, variant):
-    args = Namespace(variant=variant, experts=2, samples=4, new_tokens=2, batch=100, repeats=1, proto_samples=4,
-                     out=str(tmp_path / f"{variant}.json"))
-    result = router_speed.run(args)
-    assert result["samples"] == 4 and result["seconds"] > 0
+    result = _router(tmp_path, variant)
+    assert result["samples"] == 4 and result["seconds"] > 0 and result["width"] == 256
+    assert result["flops"] > 0
     if variant == "merged":
         assert result["groups"] == 1 and result["router_accuracy"] is None
     else:
         assert result["groups"] >= 1 and result["router_accuracy"] is not None
+
+
+def test_router_width_swaps_in_a_wider_language_model(tmp_path):
+    narrow, wide = _router(tmp_path, "merged"), _router(tmp_path, "merged", width=320)
+    assert wide["width"] == 320
+    assert wide["flops"] > narrow["flops"]  # same samples and tokens, wider matmuls
+    routed = _router(tmp_path, "disco", width=320)
+    assert routed["width"] == 320 and routed["flops"] > wide["flops"]  # the experts' rank channels are extra work
 
 
 def _quality_run(method: str, seed: int, mfn: float, superficial: float) -> dict:
@@ -92,9 +105,23 @@ def test_report_renders_stored_parts(tmp_path):
         {"round": 0, "side": side, "autocast": None, "samples_per_s": sps, "tokens_per_s": 10.0 * sps,
          "seconds_per_step": 1 / sps, "padding_fraction": 0.1, "final_loss": 1.0}
         for side, sps in (("mcit", 30.0), ("trainer", 10.0), ("trainer-tuned", 25.0))]}
+    train["runs"] += [{"round": 0, "side": side, "autocast": None, "dropout": 0.0, "samples_per_s": sps,
+                       "tokens_per_s": 10.0 * sps, "seconds_per_step": 1 / sps, "padding_fraction": 0.1,
+                       "final_loss": 1.0} for side, sps in (("mcit", 40.0), ("trainer", 20.0))]
     (tmp_path / "train.json").write_text(json.dumps(train))
+    router = {"runs": [{"variant": v, "experts": t, "width": w, "samples": 4, "new_tokens": 2, "batch": 100,
+                        "seconds": sec, "cpu_seconds": sec, "routing_seconds": 0.0, "groups": 1,
+                        "ms_per_sample": 250 * sec, "flops": fl}
+                       for v, t, w, sec, fl in (("merged", 1, 256, 1.0, 100.0), ("disco", 6, 256, 2.0, 140.0),
+                                                ("merged", 1, 1024, 4.0, 1000.0), ("disco", 6, 1024, 4.2, 1050.0))]}
+    (tmp_path / "router.json").write_text(json.dumps(router))
     doc = report.write_report(tmp_path, tmp_path / "BENCHMARKS.md")
     text = doc.read_text()
     assert "mcit / trainer: **3.00×**" in text and "(goal ≥ 1.5×: met)" in text
     assert "mcit / trainer-tuned: **1.20×**" in text and "not met" in text
+    assert "mcit, dropout 0 / trainer, dropout 0: **2.00×** samples/s (diagnostic)" in text
+    # each width against the merged model of its own width
+    assert "Width 256: worst routed / merged ratio **2.00×** (goal ≤ 1.1×: not met)" in text
+    assert "Width 1024: worst routed / merged ratio **1.05×** (goal ≤ 1.1×: met)" in text
+    assert "| 1024 | disco | 6 | 1050.00 | 0.000 | 1.05 |" in text and "| 1.050 |" in text
     assert "## 6. Quality" in text and "Not run." in text
