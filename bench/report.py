@@ -225,7 +225,7 @@ def section_router(data: dict | None) -> list[str]:
     first = runs[0]
     widths = list(dict.fromkeys(r.get("width") for r in runs))
     lines = ["## 4. Router overhead: routed inference against one merged adapter", "",
-             f"{first['samples']} test samples spread evenly over the first T SynthCIT tasks, exactly "
+             f"{first['samples']} test samples spread evenly over all six SynthCIT tasks (the same for every row), exactly "
              f"{first['new_tokens']} new tokens each, batch {first['batch']}; median of the timed passes. A pass is "
              "what evaluation does per task: routing (router features, per-sample weights) + generation. *FLOPs × "
              "merged* is the work ratio counted by torch's `FlopCounterMode` over one more pass (matmuls and "

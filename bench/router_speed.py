@@ -9,11 +9,12 @@ latencies compare equal work. Variants:
 
 - `merged`: one LoRA merged into the base weights (`merge_and_unload`): a plain model, the floor;
 - `lora`: one unmerged PEFT LoRA (how `lora_ft` is evaluated);
-- `hide`: recipe settings (top layer routed per sample, other layers fused, image + text prototypes);
+- `hide`: recipe settings (layers chosen by CKA between the experts: routed per sample below 0.9, fused above;
+  image + text prototypes); the result lists the fused layers;
 - `disco`: recipe settings with one slot per task (`reuse_threshold: null`), every layer routed, text prototypes.
 
-The same test samples (evenly from the first T SynthCIT tasks) go through every variant; the median of `--repeats`
-timed passes is reported, each pass with the router's feature cache cleared (as at every evaluation row). One more,
+The same test samples (evenly from all six SynthCIT tasks, whatever T) go through every variant; the median of
+`--repeats` timed passes is reported, each pass with the router's feature cache cleared (as at every evaluation row). One more,
 untimed pass runs under torch's `FlopCounterMode`, so the time ratio can be read against the work ratio.
 
 `--width W` swaps the shipped base for a randomly initialised copy whose language model is W wide (same depth,
@@ -134,6 +135,15 @@ def timed_pass(model, method, encoder, pixels, samples, new_tokens: int, batch: 
             "router_accuracy": report.get("accuracy") if report else None}
 
 
+def bench_samples(n: int) -> list:
+    """The timed samples: the same for every variant and T (evenly from all six tasks, interleaved), so every variant
+    generates from the same prompts; samples of tasks without an expert are routed too, and left out of the router
+    accuracy."""
+    per_task = -(-n // len(TASKS))
+    by_task = [synthcit_samples(t, "test", per_task) for t in TASKS]
+    return [by_task[k % len(TASKS)][k // len(TASKS)] for k in range(n)]
+
+
 def run(args) -> dict[str, Any]:
     from mcit.data.collate import PixelCache
     from mcit.train.loop import AUTOCAST
@@ -143,9 +153,7 @@ def run(args) -> dict[str, Any]:
                                                       args.width)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.generation_config.min_new_tokens = args.new_tokens
-    tasks = TASKS[:args.experts]
-    per_task = -(-args.samples // len(tasks))
-    samples = [s for t in tasks for s in synthcit_samples(t, "test", per_task)][:args.samples]
+    samples = bench_samples(args.samples)
     autocast = AUTOCAST[recipe.model.autocast]
     pixels = PixelCache(processor)
     timed_pass(model, method, encoder, pixels, samples[:4], args.new_tokens, args.batch, autocast)  # warm-up
@@ -163,6 +171,7 @@ def run(args) -> dict[str, Any]:
             "cpu_seconds": round(statistics.median(p["cpu_seconds"] for p in passes), 4),
             "routing_seconds": round(statistics.median(p["routing_seconds"] for p in passes), 4),
             "groups": passes[0]["groups"], "router_accuracy": passes[0]["router_accuracy"],
+            "fused_layers": sorted(method._fused_layers(model)) if method is not None else [],
             "ms_per_sample": round(1000 * seconds / len(samples), 3), "flops": float(counter.get_total_flops()),
             "width": config.text_config.hidden_size}
 
