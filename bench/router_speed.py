@@ -171,7 +171,7 @@ def run(args) -> dict[str, Any]:
             "cpu_seconds": round(statistics.median(p["cpu_seconds"] for p in passes), 4),
             "routing_seconds": round(statistics.median(p["routing_seconds"] for p in passes), 4),
             "groups": passes[0]["groups"], "router_accuracy": passes[0]["router_accuracy"],
-            "fused_layers": sorted(method._fused_layers(model)) if method is not None else [],
+            "fused_layers": sorted(method._fused_layers(model)) if hasattr(method, "_fused_layers") else [],
             "ms_per_sample": round(1000 * seconds / len(samples), 3), "flops": float(counter.get_total_flops()),
             "width": config.text_config.hidden_size}
 

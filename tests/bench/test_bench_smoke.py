@@ -63,13 +63,13 @@ def _router(tmp_path, variant: str, width: int | None = None) -> dict:
     return router_speed.run(args)
 
 
-@pytest.mark.parametrize("variant", ["merged", "hide", "disco"])
+@pytest.mark.parametrize("variant", ["merged", "lora", "hide", "disco"])
 def test_router_variants_run_with_the_requested_experts(tmp_path, variant):
     result = _router(tmp_path, variant)
     assert result["samples"] == 4 and result["seconds"] > 0 and result["width"] == 256
     assert result["flops"] > 0
-    if variant == "merged":
-        assert result["groups"] == 1 and result["router_accuracy"] is None
+    if variant in ("merged", "lora"):
+        assert result["groups"] == 1 and result["router_accuracy"] is None and result["fused_layers"] == []
     else:
         assert result["groups"] >= 1 and result["router_accuracy"] is not None
 
