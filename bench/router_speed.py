@@ -88,7 +88,7 @@ def build(variant: str, experts: int, proto_samples: int, workdir: Path, width: 
     if variant == "disco":
         overrides.append("method.reuse_threshold=null")
     if variant == "hide":
-        overrides.append("method.expand_layers=[-1]")  # CKA of random experts would decide it by chance
+        overrides += ["method.expand_layers=[-1]", "method.expand_threshold=null"]  # CKA of random experts: chance
     if width:
         overrides.append(f"model.name_or_path={wide_base(width, workdir.parent)}")
     recipe = load_recipe(repo / "recipes" / "synthcit" / f"{recipe_file}.yaml", overrides)

@@ -72,6 +72,8 @@ def test_router_variants_run_with_the_requested_experts(tmp_path, variant):
         assert result["groups"] == 1 and result["router_accuracy"] is None and result["fused_layers"] == []
     else:
         assert result["groups"] >= 1 and result["router_accuracy"] is not None
+        # hide in the paper's layout: every layer but the top one fused; disco routes every layer
+        assert result["fused_layers"] == ([0, 1, 2] if variant == "hide" else [])
 
 
 def test_router_width_swaps_in_a_wider_language_model(tmp_path):
