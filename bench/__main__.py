@@ -1,6 +1,6 @@
 """`python -m bench`: run the benchmarks and write docs/BENCHMARKS.md.
 
-    python -m bench                         # everything, quality at `small` size (about 30 minutes on 2 cores)
+    python -m bench                         # everything, quality at `small` size (39 minutes measured on 2 free cores)
     python -m bench quality --quality full  # the quality table at full size (9 methods x 3 seeds; hours)
     python -m bench train router            # selected parts
     python -m bench report                  # rewrite docs/BENCHMARKS.md from the stored results

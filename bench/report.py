@@ -77,7 +77,8 @@ def _load_line(data: dict) -> str:
     busy = {p["command"].split()[1].rsplit("/", 1)[-1] + " " + " ".join(p["command"].split()[2:4])
             for d in (before, after) for p in d.get("busy_processes", []) if len(p["command"].split()) > 1}
     text = (f"load average {before.get('loadavg', ['?'])[0]} before, {after.get('loadavg', ['?'])[0]} after; "
-            f"finished {data.get('finished_utc', '?')}; {data.get('threads', '?')} threads")
+            f"finished {data.get('finished_utc', '?')}; mcit {data.get('mcit_commit', '?')}; "
+            f"{data.get('threads', '?')} threads")
     return text + (f"; other processes using CPU: {', '.join(sorted(busy))}" if busy else
                    "; no other process used CPU")
 
@@ -94,7 +95,7 @@ def section_machine(meta: dict) -> list[str]:
         f"| platform | {m.get('platform')} |",
         f"| python / torch / transformers / peft | {m.get('python')} / {m.get('torch')} / {m.get('transformers')} / "
         f"{m.get('peft')} |",
-        f"| mcit commit | {m.get('mcit_commit')} |",
+        f"| mcit commit (of the last part run; each part's own below) | {m.get('mcit_commit')} |",
         f"| base weights | `builtin:tiny-llava`, model.safetensors sha256 `{m.get('base_sha256')}` "
         f"({m.get('base_status')}) |",
         f"| written | {m.get('date_utc')} |", "",
@@ -396,7 +397,7 @@ def write_report(workdir: Path, doc: Path) -> Path:
         lines += ["**Smoke run (minimal sizes): these numbers check the plumbing and mean nothing.**", ""]
     lines += ["## Reproduce", "", "```bash",
               "bash scripts/setup.sh && source .venv/bin/activate",
-              "python -m bench                              # all parts, quality `small`: ~35 min on 2 free cores (estimate)",
+              "python -m bench                              # all parts, quality `small`: 39 min measured on 2 free cores",
               "python -m bench quality --quality full       # the quality table at full size (9 methods x 3 seeds)",
               "python -m bench report                       # rewrite this file from the stored results",
               "bash bench/run.sh                            # the same as `python -m bench`", "```", ""]
