@@ -342,7 +342,7 @@ def section_quality(data: dict | None) -> list[str]:
         if not run.get("error"):
             by_method.setdefault(run["method"], []).append(run)
     tasks = next((r["tasks"] for r in data["runs"] if not r.get("error")), [])
-    lines = ["## 6. Quality: every method on SynthCIT", "",
+    lines = [f"## 6. Quality: every method on SynthCIT (size `{data['size']}`)", "",
              *([f"**Incomplete: {len(data['runs'])} of {len(data['methods']) * len(data['seeds'])} runs finished "
                 "when this was written.**", ""] if data.get("complete") is False else []),
              f"Size `{data['size']}` ({', '.join(data['overrides']) or 'the recipes unchanged'}); seeds "
