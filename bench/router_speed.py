@@ -15,8 +15,9 @@ latencies compare equal work. Variants:
 - `disco`: recipe settings with one slot per task (`reuse_threshold: null`), every layer routed, text prototypes.
 
 The same test samples (evenly from all six SynthCIT tasks, whatever T) go through every variant; the median of
-`--repeats` timed passes is reported, each pass with the router's feature cache cleared (as at every evaluation row). One more,
-untimed pass runs under torch's `FlopCounterMode`, so the time ratio can be read against the work ratio.
+`--repeats` timed passes is reported, each pass with the router's feature cache cleared (as at every evaluation
+row). One more, untimed pass runs under torch's `FlopCounterMode`, so the time ratio can be read against the work
+ratio.
 
 `--width W` swaps the shipped base for a randomly initialised copy whose language model is W wide (same depth,
 vocabulary, processor and vision tower): the rank channels a routed layer adds cost R (d_in + d_out) per token
@@ -49,28 +50,16 @@ def _randomize_lora(model, adapter: str, seed: int) -> None:
 
 def wide_base(width: int, folder: Path) -> Path:
     """A random-init tiny LLaVA whose language model is `width` wide, with the shipped processor (built once)."""
-    import os
-    import shutil
-
     from transformers import AutoProcessor
 
-    from mcit.models.tiny import TinyLlavaSpec, build_model, resolve_builtin
+    from mcit.models.tiny import TinyLlavaSpec, create_init, resolve_builtin
 
     path = folder / f"tiny-llava-w{width}"
     if (path / "config.json").is_file():
         return path
-    processor = AutoProcessor.from_pretrained(resolve_builtin("builtin:tiny-llava"))
     spec = TinyLlavaSpec(text_hidden=width, text_heads=max(1, width // 64),
                          text_intermediate=64 * round(width * 2.75 / 64))
-    model = build_model(spec, processor.tokenizer)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, path)
-    return path
+    return create_init(path, spec, processor=AutoProcessor.from_pretrained(resolve_builtin("builtin:tiny-llava")))
 
 
 def build(variant: str, experts: int, proto_samples: int, workdir: Path, width: int | None = None):

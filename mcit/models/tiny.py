@@ -145,13 +145,18 @@ def build_model(spec: TinyLlavaSpec, tokenizer, seed: int = 0):
     return model
 
 
-def create_init(out_dir: Path, spec: TinyLlavaSpec | None = None, seed: int = 0) -> Path:
-    """Write a randomly initialised tiny LLaVA (weights + processor) to `out_dir`, atomically."""
+def create_init(out_dir: Path, spec: TinyLlavaSpec | None = None, seed: int = 0, processor=None) -> Path:
+    """Write a randomly initialised tiny LLaVA (weights + processor) to `out_dir`, atomically.
+
+    `processor`: reuse an existing processor (its tokenizer sets the vocabulary) instead of training a new one."""
     spec = spec or TinyLlavaSpec()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    processor = build_processor(tmp, spec)
+    if processor is None:
+        processor = build_processor(tmp, spec)
+    else:
+        processor.save_pretrained(tmp)
     model = build_model(spec, processor.tokenizer, seed)
     model.save_pretrained(tmp)
     (tmp / "PROVENANCE.json").write_text(json.dumps({"kind": "random-init", "seed": seed, "spec": asdict(spec)},
