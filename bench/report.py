@@ -103,8 +103,11 @@ def section_machine(meta: dict) -> list[str]:
 
 
 def _train_side(run: dict) -> str:
-    dropout = run.get("dropout", 0.05)
-    return run["side"] if dropout == 0.05 else f"{run['side']}, dropout {dropout:g}"
+    """A side's row label; runs at a dropout other than the recipes' are labelled with it."""
+    from bench.train_speed import LORA
+
+    dropout = run.get("dropout", LORA["dropout"])
+    return run["side"] if dropout == LORA["dropout"] else f"{run['side']}, dropout {dropout:g}"
 
 
 def section_train(data: dict | None) -> list[str]:
