@@ -29,9 +29,9 @@ def base_model_dir() -> Path:
 
 
 def sha256(path: Path) -> str:
-    from mcit.train.checkpoint import _sha256
+    from mcit.runtime.files import sha256 as file_sha256
 
-    return _sha256(path)
+    return file_sha256(path)
 
 
 def cpu_model() -> str:

@@ -26,7 +26,7 @@ def one_at_a_time(model, processor, samples, max_new_tokens: int, autocast) -> t
     import torch
     from PIL import Image
 
-    from mcit.train.loop import autocast_context
+    from mcit.runtime.precision import autocast as autocast_context
 
     answers, prompts = [], []
     eos = model.generation_config.eos_token_id
@@ -90,7 +90,7 @@ def run(args) -> dict[str, Any]:
 
 
 def _dtype(name: str | None):
-    from mcit.train.loop import AUTOCAST
+    from mcit.runtime.precision import AUTOCAST
 
     return AUTOCAST[name]
 

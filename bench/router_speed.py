@@ -68,7 +68,7 @@ def build(variant: str, experts: int, proto_samples: int, workdir: Path, width: 
     from mcit.data.collate import Encoder
     from mcit.methods.base import RunContext, TaskData, build_method
     from mcit.models.loading import load_base
-    from mcit.train.runner import seed_everything
+    from mcit.runtime.seeding import seed_everything
 
     repo = Path(__file__).resolve().parents[1]
     recipe_file = {"hide": "hide", "disco": "disco"}.get(variant, "lora_ft")
@@ -86,7 +86,7 @@ def build(variant: str, experts: int, proto_samples: int, workdir: Path, width: 
     train = {t: synthcit_samples(t, "train", proto_samples) for t in tasks}
     data = TaskData(tasks, train, {t: [] for t in tasks})
     method = build_method(recipe)
-    model = method.setup(model, RunContext(processor=processor, recipe=recipe, data=data, output_dir=workdir))
+    model = method.attach(model, RunContext(processor=processor, recipe=recipe, data=data, output_dir=workdir))
     if variant in ("hide", "disco"):
         for stage in range(experts):
             method.prepare(model, stage, [stage])
@@ -138,7 +138,7 @@ def bench_samples(n: int) -> list:
 
 def run(args) -> dict[str, Any]:
     from mcit.data.collate import PixelCache
-    from mcit.train.loop import AUTOCAST
+    from mcit.runtime.precision import AUTOCAST
 
     workdir = Path(args.out).with_suffix("")
     model, method, encoder, processor, recipe = build(args.variant, args.experts, args.proto_samples, workdir,

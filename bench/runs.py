@@ -61,7 +61,7 @@ def worker(recipe_path: str, overrides: list[str], out: Path) -> None:
 
     from mcit.config import load_recipe
     from mcit.train import loop
-    from mcit.train.runner import ContinualRunner
+    from mcit.workflows.train import ContinualRunner
 
     stages: list[dict[str, Any]] = []
     build, run = loop.StageTrainer._build, loop.StageTrainer.run

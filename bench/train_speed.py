@@ -81,8 +81,8 @@ def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdi
     from mcit.data.collate import Encoder, PixelCache
     from mcit.methods.base import RunContext, TaskData, build_method
     from mcit.models.loading import load_base
+    from mcit.runtime.seeding import seed_everything
     from mcit.train.loop import StageTrainer
-    from mcit.train.runner import seed_everything
 
     tasks = task.split(",")
     recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir, dropout)
@@ -94,7 +94,7 @@ def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdi
     data = TaskData([task], {task: samples}, {task: []})
     method = build_method(recipe)
     ctx = RunContext(processor=processor, recipe=recipe, data=data, output_dir=workdir)
-    model = method.setup(model, ctx)
+    model = method.attach(model, ctx)
     method.prepare(model, 0, [0])
     encoder = Encoder(processor, recipe.train.max_length)
     encoded = [encoder.encode(s, i) for i, s in enumerate(samples)]
@@ -110,7 +110,7 @@ def count_step_flops(trainer, encoded, steps: list[int]) -> list[float]:
     attention); the optimizer step adds O(trainable params), negligible here."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mcit.train.loop import autocast_context
+    from mcit.runtime.precision import autocast as autocast_context
 
     model = trainer.model
     model.train()
@@ -136,7 +136,7 @@ def step_breakdown(trainer, steps: list[int]) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mcit.train.loop import autocast_context
+    from mcit.runtime.precision import autocast as autocast_context
 
     model = trainer.model
     model.train()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start `python -m mcit.train` under the DeepSpeed launcher: N processes on this node (GPUs, or CPU with gloo),
-# or one share of a multi-node job. All arguments go to mcit.train unchanged. See docs/DISTRIBUTED.md.
+# Start `python -m mcit train` under the DeepSpeed launcher: N processes on this node (GPUs, or CPU with gloo),
+# or one share of a multi-node job. All arguments go to `mcit train` unchanged. See docs/DISTRIBUTED.md.
 #
 #   launch/train.sh recipes/x.yaml train.deepspeed=launch/zero3.json            # this node, every GPU (or 2 CPU procs)
 #   NPROC=2 launch/train.sh ...                                                 # processes on this node
@@ -8,7 +8,7 @@
 #   HOSTFILE=launch/hostfile NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/train.sh   # run on each node yourself (no ssh)
 #
 # Environment: NPROC, MASTER_PORT (default 29500; pick another when two jobs share a host), MASTER_ADDR, HOSTFILE,
-# NODE_RANK, SCRIPT (a .py file to run instead of the mcit.train module), DS_ACCELERATOR (cpu is set automatically
+# NODE_RANK, SCRIPT (a .py file to run instead of the mcit module), DS_ACCELERATOR (cpu is set automatically
 # when torch sees no GPU), OMP_NUM_THREADS (default on CPU: cores / NPROC).
 set -euo pipefail
 
@@ -43,4 +43,4 @@ fi
 if [ -n "${SCRIPT:-}" ]; then
   exec "$DEEPSPEED" "${ARGS[@]}" "$SCRIPT" "$@"
 fi
-exec "$DEEPSPEED" "${ARGS[@]}" --module mcit.train "$@"
+exec "$DEEPSPEED" "${ARGS[@]}" --module mcit train "$@"

@@ -1,6 +1,8 @@
 """mcit: multimodal continual instruction tuning for LLaVA-style models."""
 
-__version__ = "0.1.0"
+from mcit.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(path: str):
@@ -12,6 +14,6 @@ def load(path: str):
 
         model, processor, method, recipe = mcit.load("exported/hide")
     """
-    from mcit.evaluation.standalone import load_for_eval
+    from mcit.workflows.load import load_checkpoint
 
-    return load_for_eval(path, None)
+    return load_checkpoint(path)

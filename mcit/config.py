@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from mcit.errors import RecipeError
+from mcit.runtime.files import write_text_atomic
 from mcit.schema import from_mapping, to_mapping
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -280,6 +281,4 @@ def save_recipe(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe atomically (a temporary file renamed into place): a reader never sees half of it."""
     data = recipe.to_dict()
     data.pop("source", None)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))

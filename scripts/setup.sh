@@ -13,6 +13,6 @@ fi
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   python -m pip install --quiet "torch==2.13.0"
 fi
-if ! python -c "import mcit, peft, deepspeed, pycocoevalcap, pytest" 2>/dev/null; then
+if ! python -c "import mcit, peft, deepspeed, pycocoevalcap, pytest, pytest_timeout, importlinter" 2>/dev/null; then
   python -m pip install --quiet -e ".[test]"
 fi

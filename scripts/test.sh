@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 [ -z "${VIRTUAL_ENV:-}" ] && source .venv/bin/activate
+lint-imports  # the layers contract in pyproject.toml: an upward import fails here
 set +e
 python -m pytest -n 2 --durations=15 "$@"
 code=$?

@@ -7,25 +7,24 @@ files are touched, so recipes can name a card whose data is not on this machine 
 
 from __future__ import annotations
 
-import difflib
 import os
 import random
 import re
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mcit.data.formats import FORMATS, load_split
-from mcit.data.records import Sample
+from mcit.data.records import ANSWER_STYLES, Sample
 from mcit.errors import DataError
+from mcit.schema import NOT_A_KEY, from_mapping, suggest
 
-ANSWER_STYLES = ("word", "number", "letter", "yesno", "caption", "ocr", "box", "free")
 SCORERS = ("exact_match", "mc_letter", "numeric", "yesno", "contains", "caption", "caption_mean", "iou",
            "scene_attributes")
+"""The scorer names a card may use. Cards are validated here, below the evaluation layer, so the names are declared
+here; `mcit.evaluation.scorers.register_scorer` refuses any other name."""
 SPLITS = ("train", "test")
 
 _REPO_CARDS = Path(__file__).resolve().parents[2] / "data_cards"
@@ -71,7 +70,7 @@ class DataCard:
     citation: str | None = None
     generator: str | None = None
     """`synthcit`: the data is generated on first use into `root` (see mcit/data/synthcit.py)."""
-    path: Path | None = field(default=None, compare=False, repr=False)
+    path: Path | None = field(default=None, compare=False, repr=False, metadata=NOT_A_KEY)
     """The card file (not a YAML key); relative roots hang off its folder."""
     _candidate_cache: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -83,7 +82,7 @@ class DataCard:
         for task in self.tasks:
             if task.name == name:
                 return task
-        raise DataError(f"{self._where()}: no task {name!r}{_suggest(name, self.task_names)}; "
+        raise DataError(f"{self._where()}: no task {name!r}{suggest(name, self.task_names)}; "
                         f"tasks: {', '.join(self.task_names)}")
 
     @property
@@ -194,7 +193,7 @@ def load_card(path_or_name: str | os.PathLike) -> DataCard:
                 break
         else:
             names = available_cards()
-            raise DataError(f"no data card named {text!r}{_suggest(text, names)}; available: {', '.join(names)} "
+            raise DataError(f"no data card named {text!r}{suggest(text, names)}; available: {', '.join(names)} "
                             f"(or give a path to a .yaml file)")
     if not path.is_file():
         raise DataError(f"data card file not found: {path}")
@@ -208,13 +207,13 @@ def load_card(path_or_name: str | os.PathLike) -> DataCard:
 def card_from_dict(data: Any, *, path: Path | None = None) -> DataCard:
     """Validate a parsed card. Every message carries the key path (`tasks[2].scorer`) and what was expected."""
     where = str(path) if path else "data card"
-    mapping = _check_mapping(data, DataCard, "", where, exclude={"path", "_candidate_cache"})
-    raw_tasks = mapping.get("tasks")
-    if not isinstance(raw_tasks, list) or not raw_tasks:
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: card: expected a mapping, got {type(data).__name__}")
+    card = from_mapping(DataCard, data, where=where, error=DataError)
+    if not card.tasks:
         raise DataError(f"{where}: tasks: expected a non-empty list of task mappings")
-    tasks = [TaskSpec(**_check_mapping(item, TaskSpec, f"tasks[{i}].", where)) for i, item in enumerate(raw_tasks)]
     seen: set[str] = set()
-    for i, task in enumerate(tasks):
+    for i, task in enumerate(card.tasks):
         key = f"{where}: tasks[{i}]"
         if task.name in seen:
             raise DataError(f"{key}.name: duplicate task name {task.name!r}")
@@ -224,74 +223,12 @@ def card_from_dict(data: Any, *, path: Path | None = None) -> DataCard:
         for attr, allowed in (("format", FORMATS), ("answer_style", ANSWER_STYLES), ("scorer", SCORERS)):
             value = getattr(task, attr)
             if value not in allowed:
-                raise DataError(f"{key}.{attr}: {value!r} is not valid{_suggest(value, allowed)}; "
+                raise DataError(f"{key}.{attr}: {value!r} is not valid{suggest(value, allowed)}; "
                                 f"choose one of {', '.join(allowed)}")
         if isinstance(task.candidates, str) and task.candidates != "auto":
             raise DataError(f"{key}.candidates: expected a list of answers or 'auto', got {task.candidates!r}")
         for attr in ("max_train", "max_test"):
             if getattr(task, attr) is not None and getattr(task, attr) <= 0:
                 raise DataError(f"{key}.{attr}: expected a positive integer, got {getattr(task, attr)}")
-    mapping["tasks"] = tasks
-    return DataCard(**mapping, path=path)
-
-
-def _check_mapping(data: Any, cls: type, prefix: str, where: str, exclude: set[str] = frozenset()) -> dict:
-    if not isinstance(data, dict):
-        label = prefix.rstrip(".") or "card"
-        raise DataError(f"{where}: {label}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in fields(cls) if f.name not in exclude]
-    required = [f.name for f in fields(cls)
-                if f.name not in exclude and f.default is MISSING and f.default_factory is MISSING]
-    for key in data:
-        if key not in valid:
-            raise DataError(f"{where}: {prefix}{key}: unknown key{_suggest(str(key), valid)}; "
-                            f"valid keys: {', '.join(valid)}")
-    for key in required:
-        if key not in data:
-            raise DataError(f"{where}: {prefix}{key}: required key is missing")
-    for key, value in data.items():
-        if key == "tasks" and cls is DataCard:
-            continue  # validated item by item as TaskSpec
-        if not _matches(value, hints[key]):
-            raise DataError(f"{where}: {prefix}{key}: expected {_type_name(hints[key])}, "
-                            f"got {type(value).__name__} ({value!r})")
-    return dict(data)
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
-    if origin is dict:
-        return "a mapping"
-    return {str: "string", int: "integer", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _suggest(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    card.path = path
+    return card

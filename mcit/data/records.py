@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+ANSWER_STYLES = ("word", "number", "letter", "yesno", "caption", "ocr", "box", "free")
+"""The forms an answer can take (`meta["style"]`, a card's `answer_style`); `mcit.evaluation.formats` checks each."""
+
 IMAGE_TOKEN = "<image>"
 # Loaders normalise the placeholder to exactly this prefix of the first user turn, so the collator has one case.
 IMAGE_PREFIX = IMAGE_TOKEN + "\n"

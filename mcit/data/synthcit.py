@@ -33,79 +33,34 @@ import os
 import random
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mcit.data.synthcit_scenes import (
+    CELL,
+    COLORS,
+    GRID,
+    IMAGE_SIZE,
+    LETTERS,
+    SHAPES,
+    SIZES,
+    WORDS,
+    Scene,
+    SceneObject,
+    brief_caption,
+    detailed_caption,
+    scene_description,
+)
+from mcit.runtime.files import write_text_atomic
+
 VERSION = 2
 """Generator version, stored in BUILD.json: a build made by another version is rebuilt. 2: the scene description
 states the object count; multiple-choice tasks show one object; count asks only for the number of objects."""
-IMAGE_SIZE = 48
-GRID = 3
-CELL = IMAGE_SIZE // GRID
-SHAPES = ("circle", "square", "triangle", "cross")
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 200, 30),
-}
-SIZES = {"small": 4, "large": 7}  # half-extent in pixels inside a 16 px cell
-CELL_NAMES = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
-)
-WORDS = ("cat", "dog", "sun", "map", "key", "cup", "hat", "pen", "bus", "fox", "jam", "owl")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-LETTERS = "ABCD"
-
 PRETRAIN_TASK = "scene"
 TASKS = ("shape", "mc-color", "caption", "mc-shape", "count", "caption-detail", "ocr", "grounding", "yesno")
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    shape: str
-    color: str
-    size: str
-    cell: int
-    dx: int = 0  # jitter inside the cell, so layouts rarely repeat
-    dy: int = 0
-
-    @property
-    def phrase(self) -> str:
-        return f"{self.size} {self.color} {self.shape}"
-
-    def box(self) -> tuple[float, float, float, float]:
-        """Normalised [x1, y1, x2, y2] of the object's extent (centre of its cell +- half-extent)."""
-        cx, cy = self.centre()
-        h = SIZES[self.size]
-        return tuple(round(v / IMAGE_SIZE, 2) for v in (cx - h, cy - h, cx + h, cy + h))  # type: ignore[return-value]
-
-    def centre(self) -> tuple[int, int]:
-        cx, cy = _cell_centre(self.cell)
-        return cx + self.dx, cy + self.dy
-
-
-@dataclass
-class Scene:
-    objects: list[SceneObject]
-    word: str | None = None
-    word_row: int | None = None
-    background: tuple[int, int, int] = (235, 235, 235)
-    noise_seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def ordered(self) -> list[SceneObject]:
-        return sorted(self.objects, key=lambda o: o.cell)
-
-
-def _cell_centre(cell: int) -> tuple[int, int]:
-    row, col = divmod(cell, GRID)
-    return col * CELL + CELL // 2, row * CELL + CELL // 2
 
 
 _FONT: ImageFont.ImageFont | None = None
@@ -169,38 +124,6 @@ def _sample_scene(rng: random.Random, n_objects: int, *, word: bool = False, uni
     tone = rng.randint(200, 250)
     background = (tone + rng.randint(-8, 5), tone + rng.randint(-8, 5), tone + rng.randint(-8, 5))
     return Scene(objects, rng.choice(WORDS) if word else None, word_row, background, rng.randrange(2**31))
-
-
-def _join(phrases: list[str]) -> str:
-    if len(phrases) == 1:
-        return phrases[0]
-    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
-
-
-def _article(phrase: str) -> str:
-    return f"a {phrase}"
-
-
-def scene_description(scene: Scene) -> str:
-    """The pretraining target: every object's attributes and cell, and the word. Deliberately unlike any task form."""
-    n = len(scene.objects)
-    parts = [f"{NUMBER_WORDS[n]} object{'' if n == 1 else 's'}"]
-    parts += [f"{o.phrase} at {CELL_NAMES[o.cell]}" for o in scene.ordered()]
-    text = "scene: " + "; ".join(parts)
-    if scene.word:
-        text += f"; text {scene.word}"
-    return text
-
-
-def brief_caption(scene: Scene) -> str:
-    return _join([_article(f"{o.color} {o.shape}") for o in scene.ordered()]) + "."
-
-
-def detailed_caption(scene: Scene) -> str:
-    n = len(scene.objects)
-    head = f"there {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n > 1 else ''}."
-    body = " ".join(f"{_article(o.phrase)} is at the {CELL_NAMES[o.cell]}." for o in scene.ordered())
-    return f"{head} {body}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,9 +319,7 @@ def build(root: str | Path, config: BuildConfig | None = None, workers: int | No
                                             desc="SynthCIT train splits", disable=not progress):
             _write_json(root / task / f"{split}.json", records)
             counts.setdefault(task, {})[split] = len(records)
-    tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": cfg_dict, "counts": counts}, indent=1))
-    tmp.replace(stamp)
+    write_text_atomic(stamp, json.dumps({"config": cfg_dict, "counts": counts}, indent=1))
     return root
 
 
@@ -412,9 +333,7 @@ def _built_version(root: Path) -> int | None:
 
 def _write_json(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(records))
 
 
 def default_root() -> Path:

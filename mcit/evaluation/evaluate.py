@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mcit import failpoints
 from mcit.data.cards import TaskSpec
 from mcit.data.collate import Encoder, PixelCache
 from mcit.data.records import Sample
 from mcit.errors import EvalError
 from mcit.evaluation.formats import label_prediction
 from mcit.evaluation.generate import candidate_logprobs, constrained_predictions, generate
+from mcit.evaluation.normalize import Normalizer
 from mcit.evaluation.scorers import get_scorer
+from mcit.runtime import failpoints
 
 CLOSED_STYLES = ("word", "number", "letter", "yesno")
 
@@ -62,9 +63,7 @@ def _candidates(sample: Sample) -> list[str] | None:
     return list(cands) or None
 
 
-def _constrained_hit(reference: str, choice: str, style: str) -> bool:
-    from mcit.evaluation.scorers import Normalizer
-
+def _constrained_hit(reference: str, choice: str) -> bool:
     norm = Normalizer()
     return norm(reference) == norm(choice)
 
@@ -106,7 +105,7 @@ def evaluate_task(model, method, encoder: Encoder, pixels: PixelCache, spec: Tas
                                             pixels, batch_size=batch_size, autocast=autocast)
                 choices = constrained_predictions(lp, [cands[usable[j]] for j in indices])
                 for j, choice in zip(indices, choices, strict=True):
-                    ok = _constrained_hit(sub[j].answer, choice, spec.answer_style)
+                    ok = _constrained_hit(sub[j].answer, choice)
                     constrained_ok[usable[j]] = ok
                     hits.append(ok)
             constrained_score = 100.0 * sum(hits) / len(hits)

@@ -3,8 +3,9 @@
 SEFE splits forgetting in two. *Superficial* forgetting: the answer lost the task's form (a later task's style took
 over, e.g. a caption where a letter was due). *Essential* forgetting: the form is right, the content wrong. A wrong
 prediction is labelled by `label_prediction`; the runner turns the labels into the `superficial` and `essential`
-matrices of results.json. The checks reuse the scorers' extractors so "in format" and "readable by the scorer" agree;
-where they differ the check is the stricter one (a sentence that merely contains "no" is not yes/no format).
+matrices of results.json. The checks reuse the scorers' extractors (`mcit.evaluation.extract`) so "in format" and
+"readable by the scorer" agree; where they differ the check is the stricter one (a sentence that merely contains "no"
+is not yes/no format).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mcit.data.records import ANSWER_STYLES
 from mcit.errors import EvalError
-from mcit.evaluation.scorers import Normalizer, extract_letter, extract_yesno, parse_box, parse_single_number
-
-STYLES = ("word", "number", "letter", "yesno", "caption", "ocr", "box", "free")
-LABELS = ("correct", "wrong_format", "wrong_content")
+from mcit.evaluation.extract import extract_letter, extract_yesno, parse_box, parse_single_number
+from mcit.evaluation.normalize import Normalizer
 
 _MAX_WORDS = 3  # a "word" answer is a short phrase: "red", "traffic light", "fire hydrant truck"
 _MIN_CAPTION_WORDS = 4
@@ -70,6 +70,7 @@ def _is_free(prediction: str, meta: Mapping[str, Any]) -> bool:
     return bool(prediction.strip())
 
 
+# One check per style of `ANSWER_STYLES` (tests/evaluation/test_formats.py runs each).
 _CHECKS: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
     "word": _is_word,
     "number": _is_number,
@@ -83,7 +84,7 @@ _CHECKS: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
 
 
 def check_format(style: str, prediction: str, meta: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``prediction`` has the form of answer ``style`` (one of `STYLES`).
+    """Whether ``prediction`` has the form of answer ``style`` (one of `mcit.data.records.ANSWER_STYLES`).
 
     word: 1-3 words after normalisation, and one of ``meta["candidates"]`` when given; number: exactly one number;
     letter: a valid option letter (A-D, or one per ``meta["choices"]``); yesno: starts with yes/no; caption: at least
@@ -91,7 +92,7 @@ def check_format(style: str, prediction: str, meta: Mapping[str, Any] | None = N
     nothing else; free: non-empty.
     """
     if style not in _CHECKS:
-        raise EvalError(f"unknown answer style {style!r}; valid styles: {', '.join(STYLES)}")
+        raise EvalError(f"unknown answer style {style!r}; valid styles: {', '.join(ANSWER_STYLES)}")
     if not isinstance(prediction, str):
         raise EvalError(f"check_format: prediction is {type(prediction).__name__}, expected str")
     return _CHECKS[style](prediction, meta or {})
@@ -100,7 +101,7 @@ def check_format(style: str, prediction: str, meta: Mapping[str, Any] | None = N
 def label_prediction(style: str, correct: bool, prediction: str, meta: Mapping[str, Any] | None = None) -> str:
     """ "correct", "wrong_format" (superficial forgetting) or "wrong_content" (essential forgetting)."""
     if style not in _CHECKS:
-        raise EvalError(f"unknown answer style {style!r}; valid styles: {', '.join(STYLES)}")
+        raise EvalError(f"unknown answer style {style!r}; valid styles: {', '.join(ANSWER_STYLES)}")
     if correct:
         return "correct"
     return "wrong_content" if check_format(style, prediction, meta) else "wrong_format"

@@ -18,24 +18,16 @@ import torch
 from mcit.data.collate import Encoder, PixelCache
 from mcit.data.records import Sample
 from mcit.errors import EvalError
+from mcit.runtime.precision import autocast as autocast_for
+from mcit.runtime.precision import eval_mode
 
 
 @contextlib.contextmanager
 def _inference(model) -> Iterator[None]:
     """eval() + inference_mode for the body; every submodule's train/eval flag is restored afterwards (a frozen
     vision tower may sit in eval mode inside a model that trains)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def _autocast(dtype: torch.dtype | None, device: torch.device):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with eval_mode(model), torch.inference_mode():
+        yield
 
 
 def _batches(samples: Sequence[Sample], lengths: Sequence[int], sizes: Sequence[int], budget: int) -> list[list[int]]:
@@ -88,7 +80,7 @@ def _pad_id(encoder: Encoder) -> int:
 
 
 def generate(model, encoder: Encoder, samples: Sequence[Sample], pixels: PixelCache, *, batch_size: int = 64,
-             max_new_tokens: int = 48, autocast: torch.dtype | None = None, progress: str | None = None) -> list[str]:
+             max_new_tokens: int = 48, autocast: torch.dtype | str | None = None, progress: str | None = None) -> list[str]:
     """Greedy answers (KV cache, stop at EOS or `max_new_tokens`), decoded without special tokens and stripped, in
     the order of `samples`.
 
@@ -108,7 +100,7 @@ def generate(model, encoder: Encoder, samples: Sequence[Sample], pixels: PixelCa
     with _inference(model):
         for batch in _progress(batches, progress):
             inputs = _padded([prompts[i] for i in batch], pad_id, device, "left")
-            with _autocast(autocast, device):
+            with autocast_for(autocast, device):
                 out = model.generate(**inputs, **_images(samples, batch, pixels, device), do_sample=False,
                                      max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
             for i, row in zip(batch, out[:, inputs["input_ids"].shape[1]:].tolist(), strict=True):
@@ -156,7 +148,7 @@ def _split(encoder: Encoder, sample: Sample, candidates: Sequence[str],
 
 
 def candidate_logprobs(model, encoder: Encoder, samples: Sequence[Sample], candidates: Sequence[Sequence[str]],
-                       pixels: PixelCache, *, batch_size: int = 64, autocast: torch.dtype | None = None,
+                       pixels: PixelCache, *, batch_size: int = 64, autocast: torch.dtype | str | None = None,
                        progress: str | None = None) -> list[list[float]]:
     """Summed log-probability of each candidate answer (its tokens and the end-of-turn token) given the prompt.
 
@@ -171,7 +163,7 @@ def candidate_logprobs(model, encoder: Encoder, samples: Sequence[Sample], candi
     device = next(model.parameters()).device
     scores: list[list[float]] = [[] for _ in samples]
     batches = _batches(samples, [len(context) for context, _ in split], [len(c) for c in candidates], batch_size)
-    with _inference(model), _autocast(autocast, device):
+    with _inference(model), autocast_for(autocast, device):
         for batch in _progress(batches, progress):
             prompt = _padded([split[i][0] for i in batch], pad_id, device, "left")
             prompt.update(_images(samples, batch, pixels, device))

@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 from mcit.errors import EvalError
 
-METRIC_NAMES = ("MFT", "MFN", "MAA", "BWT", "forgetting", "FWT")
+METRICS = ("MFT", "MFN", "MAA", "BWT", "forgetting", "FWT")
+"""The continual metrics `continual_metrics` returns, in table order: the one list report, export and bench read."""
 
 Matrix = Sequence[Sequence[float | None]]
 
@@ -142,7 +143,7 @@ def matrix_to_markdown(matrix: Matrix, stages: Sequence[str], tasks: Sequence[st
 def metrics_to_markdown(
     metrics: Mapping[str, float | None] | Mapping[str, Mapping[str, float | None]], digits: int = 1
 ) -> str:
-    """Metrics as a markdown table, columns in `METRIC_NAMES` order (other keys follow).
+    """Metrics as a markdown table, columns in `METRICS` order (other keys follow).
 
     ``metrics`` is either one result of `continual_metrics` or a mapping label -> result (e.g. {"free": ...,
     "constrained": ...}), which gives one labelled row each.
@@ -152,7 +153,7 @@ def metrics_to_markdown(
     for label, row in rows.items():
         if not isinstance(row, Mapping):
             raise EvalError(f"metrics_to_markdown: entry {label!r} is {row!r}; give all rows as dicts or none")
-    keys = [k for k in METRIC_NAMES if any(k in r for r in rows.values())]
+    keys = [k for k in METRICS if any(k in r for r in rows.values())]
     keys += [k for r in rows.values() for k in r if k not in keys]
     keys = list(dict.fromkeys(keys))
     header = ("| |" if nested else "|") + "".join(f" {_escape(k)} |" for k in keys)

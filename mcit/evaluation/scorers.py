@@ -1,4 +1,4 @@
-"""Scorers selected by name from a data card (`scorer:` key), plus the text normalisation they share.
+"""Scorers selected by name from a data card (`scorer:` key), and their registry (`get_scorer`).
 
 Every scorer is called as ``scorer(predictions, references, metas) -> ScoreResult`` on *aligned* lists: per-sample
 scores in [0, 1], a task score in [0, 100] (caption CIDEr*100 is the exception: CIDEr ranges over [0, 10], so the
@@ -6,9 +6,8 @@ caption task score can exceed 100, as in the papers' tables) and a ``details`` d
 reporting. Callers holding id-keyed dicts use `align_by_id` first, so that a missing or extra id is an error with the
 ids in it instead of a silent shift of every later sample (a crash users reported with the reference caption code).
 
-Leniency is deliberate: strict exact match counted "3." against "3" and "Circle." against "circle" as wrong, which
-measures formatting noise rather than knowledge. The `Normalizer` makes every such choice an explicit, switchable
-option; `Normalizer.strict()` only strips surrounding whitespace.
+The text the scorers compare goes through `mcit.evaluation.normalize` (lenient on purpose, see there) and the answer
+they read comes from `mcit.evaluation.extract`.
 """
 
 from __future__ import annotations
@@ -18,281 +17,15 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from mcit.data.cards import SCORERS
+from mcit.data.synthcit_scenes import parse_scene
 from mcit.errors import EvalError
-
-# --------------------------------------------------------------------------------------------------------------------
-# Normalisation
-# --------------------------------------------------------------------------------------------------------------------
-
-_UNITS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-    "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
-    "seventeen": 17, "eighteen": 18, "nineteen": 19,
-}  # fmt: skip
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
-_SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
-_NUMBER_WORDS = [*_UNITS, *_TENS, "hundred", *_SCALES]
-_WORD_ALT = "|".join(sorted(_NUMBER_WORDS, key=len, reverse=True))
-_NUMBER_WORD_RUN = re.compile(rf"\b(?:{_WORD_ALT})(?:(?:\s+|-)(?:and\s+)?(?:{_WORD_ALT}))*\b", re.IGNORECASE)
-
-# Punctuation becomes a space, except the marks that belong to a number: a decimal point between digits and a minus
-# sign that starts a number. Thousands separators are removed beforehand, apostrophes are dropped ("dog's" -> "dogs").
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_APOSTROPHE = re.compile(r"['\u2019`]")
-_PUNCT = re.compile(r"(?<=\d)\.(?=\d)|(?<![\w.])-(?=\d)|([^\w\s]|_)")
-_DECIMAL = re.compile(r"^(-?\d+)\.(\d+)$")
-_ARTICLES = frozenset({"a", "an", "the"})
-
-
-def _words_to_numbers(words: list[str]) -> list[str]:
-    """Rewrite a run of number words as digit tokens ("twenty one" -> ["21"], "one two" -> ["1", "2"]).
-
-    A word that cannot continue the current number starts a new one, so lists of small numbers stay separate; "and"
-    continues a number only after a scale word ("three hundred and five" -> ["305"]); a word that cannot start a
-    number ("hundred" alone) is kept as it is.
-    """
-    out: list[str] = []
-    total, current, last, last_scale = 0, 0, "", math.inf
-    pending_and = False
-
-    def flush() -> None:
-        nonlocal total, current, last, last_scale, pending_and
-        if last:
-            out.append(str(total + current))
-        if pending_and:
-            out.append("and")
-        total, current, last, last_scale, pending_and = 0, 0, "", math.inf, False
-
-    def extend(word: str) -> bool:
-        """Add ``word`` to the number being read; False when it cannot continue it."""
-        nonlocal total, current, last, last_scale
-        if word in _UNITS:
-            value = _UNITS[word]
-            if not (last in ("", "hundred", "scale") or (last == "tens" and 1 <= value <= 9 and not pending_and)):
-                return False
-            if value == 0 and last:
-                return False
-            current, last = current + value, "unit" if value < 10 else "teen"
-        elif word in _TENS:
-            if last not in ("", "hundred", "scale"):
-                return False
-            current, last = current + _TENS[word], "tens"
-        elif word == "hundred":
-            if last not in ("unit", "teen") or not 0 < current < 100 or pending_and:
-                return False
-            current, last = current * 100, "hundred"
-        else:
-            scale = _SCALES[word]
-            if last not in ("unit", "teen", "tens", "hundred") or current == 0 or scale >= last_scale or pending_and:
-                return False
-            total, current, last, last_scale = total + current * scale, 0, "scale", scale
-        return True
-
-    for raw in words:
-        word = raw.lower()
-        if word == "and":
-            if last in ("hundred", "scale") and not pending_and:
-                pending_and = True
-            else:
-                flush()
-                out.append(raw)
-            continue
-        if extend(word):
-            pending_and = False
-            continue
-        flush()
-        if not extend(word):
-            out.append(raw)
-    flush()
-    return out
-
-
-def replace_number_words(text: str) -> str:
-    """Rewrite number words as digits ("three" -> "3", "twenty-one" -> "21"); other text is untouched."""
-    return _NUMBER_WORD_RUN.sub(lambda m: " ".join(_words_to_numbers(re.split(r"\s+|-", m.group(0)))), text)
-
-
-@dataclass(frozen=True)
-class Normalizer:
-    """Text normalisation applied to prediction and reference before comparing them.
-
-    The defaults are lenient on purpose (see the module docstring): "3." == "3", "Circle." == "circle",
-    "three" == "3", "a circle" == "circle", "3.0" == "3".
-    """
-
-    lowercase: bool = True
-    strip_punctuation: bool = True  # every mark except a number's decimal point / minus sign becomes a space
-    drop_articles: bool = True  # "a", "an", "the" as whole words
-    number_words: bool = True  # number words -> digits, so both spellings compare equal
-    canonical_decimals: bool = True  # "3.50" -> "3.5", "3.0" -> "3" (integers keep leading zeros: OCR codes)
-    strip_trailing_period: bool = True  # matters when strip_punctuation is off
-    collapse_whitespace: bool = True
-
-    @classmethod
-    def strict(cls) -> Normalizer:
-        """Only surrounding whitespace is removed: the strict exact match of the reference evaluations."""
-        return cls(False, False, False, False, False, False, False)
-
-    def __call__(self, text: str) -> str:
-        text = text.strip()
-        if self.lowercase:
-            text = text.lower()
-        if self.strip_trailing_period:
-            text = text.rstrip(". \t\n")
-        if self.strip_punctuation:
-            text = _THOUSANDS.sub("", text)
-            text = _APOSTROPHE.sub("", text)
-            text = _PUNCT.sub(lambda m: " " if m.group(1) is not None else m.group(0), text)
-        if self.number_words:
-            text = replace_number_words(text)
-        if not (self.collapse_whitespace or self.drop_articles or self.canonical_decimals):
-            return text.strip()
-        tokens = text.split()
-        if self.drop_articles:
-            tokens = [t for t in tokens if t.lower() not in _ARTICLES]
-        if self.canonical_decimals:
-            tokens = [_canonical_decimal(t) for t in tokens]
-        return " ".join(tokens)
-
-
-def _canonical_decimal(token: str) -> str:
-    match = _DECIMAL.match(token)
-    if not match:
-        return token
-    whole, frac = match.group(1), match.group(2).rstrip("0")
-    return f"{whole}.{frac}" if frac else whole
-
-
-def tokenize_caption(text: str) -> str:
-    """Caption tokenisation done in Python: lowercase, punctuation removed, whitespace collapsed.
-
-    Replaces pycocoevalcap's PTBTokenizer, which spawns java; both sides of a comparison go through this function.
-    """
-    return Normalizer(drop_articles=False, number_words=False, canonical_decimals=False)(text)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Answer extraction (shared with mcit.evaluation.formats)
-# --------------------------------------------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?(?![\w])")
-
-
-def _number_value(token: str) -> float | None:
-    if "/" not in token:
-        return float(token)
-    num, den = (float(part) for part in token.split("/"))
-    return num / den if den != 0 else None
-
-
-def find_numbers(text: str) -> list[float]:
-    """All numbers in a text, number words and simple fractions ("3/4") included, in order of appearance."""
-    text = replace_number_words(_THOUSANDS.sub("", text))
-    values = (_number_value(m.group(0)) for m in _NUMBER.finditer(text))
-    return [v for v in values if v is not None]
-
-
-def parse_single_number(text: str) -> float | None:
-    """The number a text consists of ("3", "3.", "three", "-2.5", "1,000", "3/4"), or None if it is anything else."""
-    text = replace_number_words(_THOUSANDS.sub("", text.strip().rstrip(". ")))
-    match = _NUMBER.fullmatch(text)
-    return _number_value(match.group(0)) if match else None
-
-
-def _choices(meta: Mapping[str, Any] | None) -> list | None:
-    choices = (meta or {}).get("choices")
-    if choices is not None and not isinstance(choices, (list, tuple)):
-        raise EvalError(f"meta['choices'] must be a list of option texts, got {type(choices).__name__}")
-    return list(choices) if choices else None
-
-
-def option_letters(meta: Mapping[str, Any] | None) -> str:
-    """Valid option letters: one per entry of ``meta["choices"]``, else A-D."""
-    choices = _choices(meta)
-    count = len(choices) if choices else 4
-    return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: max(1, min(count, 26))]
-
-
-# "B", "(B)", "B.", "[b]" -- the whole answer is the letter.
-_BARE_LETTER = re.compile(r"^[(\[]?([A-Za-z])[)\]]?[.:]?$")
-# "B. circle", "(B) circle", "b) circle", "B: circle" -- a letter with a delimiter, then text.
-_PREFIX_LETTER = re.compile(r"^(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])[.):])\s+\S")
-# "The answer is B", "Answer: (B)", "option C" -- an upper-case letter may be followed by anything, a lower-case one
-# only by the end or punctuation, so "the answer is a circle" does not read as option A.
-_PHRASE_LETTER = re.compile(
-    r"\b(?i:answer|option|choice)\s*(?i:is\s*)?(?i:option\s*)?[:\-]?\s*[(\[]?(?:([A-Z])(?![A-Za-z])|([a-z])(?=[)\].,;:!?]|\s*$))"
-)
-
-
-def extract_letter(text: str, meta: Mapping[str, Any] | None = None, use_choice_text: bool = True) -> str | None:
-    """The option letter a multiple-choice answer names, upper-case, or None.
-
-    Accepts "B", "(B)", "B. circle", "The answer is B" and, when ``meta["choices"]`` lists the option texts (A..
-    order) and ``use_choice_text`` is on, the option text itself ("circle"). A letter outside the valid options
-    (see `option_letters`) counts as no letter.
-    """
-    valid = option_letters(meta)
-    text = text.strip()
-    letter = None
-    for pattern in (_BARE_LETTER, _PREFIX_LETTER, _PHRASE_LETTER):
-        match = pattern.search(text)
-        if match:
-            letter = next(g for g in match.groups() if g).upper()
-            break
-    if letter is None and use_choice_text and _choices(meta):
-        norm = Normalizer()
-        wanted = norm(text)
-        matches = [valid[i] for i, choice in enumerate(_choices(meta)[: len(valid)]) if norm(str(choice)) == wanted]
-        letter = matches[0] if len(matches) == 1 else None
-    return letter if letter is not None and letter in valid else None
-
-
-def extract_yesno(text: str) -> str | None:
-    """ "yes" or "no": the first word if it is one, else the only one of the two that occurs; None otherwise."""
-    tokens = Normalizer()(text).split()
-    if not tokens:
-        return None
-    if tokens[0] in ("yes", "no"):
-        return tokens[0]
-    found = {t for t in tokens if t in ("yes", "no")}
-    return found.pop() if len(found) == 1 else None
-
-
-_BRACKETED = re.compile(r"[\[(]([^\[\]()]*)[\])]")
-_BOX_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE]-?\d+)?")
-
-
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """A box "[x1, y1, x2, y2]" (normalised or pixels, just numbers); None when absent or x2 < x1 or y2 < y1.
-
-    The first bracketed group holding exactly four numbers wins; without one, the whole text must hold exactly four.
-    """
-    candidates = [m.group(1) for m in _BRACKETED.finditer(text)] + [text]
-    for candidate in candidates:
-        numbers = _BOX_NUMBER.findall(candidate)
-        if len(numbers) == 4:
-            x1, y1, x2, y2 = (float(n) for n in numbers)
-            if x2 < x1 or y2 < y1:
-                return None
-            return x1, y1, x2, y2
-    return None
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes; 0 when the union has no area."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Scorers
-# --------------------------------------------------------------------------------------------------------------------
+from mcit.evaluation.extract import extract_letter, extract_yesno, find_numbers, option_letters, parse_box
+from mcit.evaluation.normalize import Normalizer, tokenize_caption
+from mcit.schema import FLATTEN, from_mapping
 
 
 @dataclass
@@ -304,15 +37,20 @@ class ScoreResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, Callable[..., Scorer]] = {}
+_REGISTRY: dict[str, tuple[type[Scorer], dict[str, Any]]] = {}
 
 
 def register_scorer(name: str, **preset: Any) -> Callable[[type[Scorer]], type[Scorer]]:
-    """Register a scorer class under ``name``; ``preset`` options make a named variant (e.g. caption_mean)."""
+    """Register a scorer class under ``name``; ``preset`` options make a named variant (e.g. caption_mean).
+
+    Data cards are validated below this layer, so the names a card may use are declared there (`SCORERS`); a scorer
+    registered under any other name would be unreachable, and is refused.
+    """
+    if name not in SCORERS:
+        raise EvalError(f"scorer {name!r} is not declared in mcit.data.cards.SCORERS, so no data card could name it")
 
     def decorate(cls: type[Scorer]) -> type[Scorer]:
-        _REGISTRY[name] = lambda **options: cls(**{**preset, **options})
-        _REGISTRY[name].scorer_class = cls  # type: ignore[attr-defined]
+        _REGISTRY[name] = (cls, preset)
         return cls
 
     return decorate
@@ -323,57 +61,32 @@ def scorer_names() -> list[str]:
 
 
 def get_scorer(name: str, **options: Any) -> Scorer:
-    """The scorer a data card names, configured with its options.
+    """The scorer a data card names, configured with its options (validated by `mcit.schema.from_mapping`: an
+    unknown option or one of the wrong type is an EvalError naming it).
 
-    Scorers holding a `Normalizer` also accept its fields directly (``lowercase=False``) or as a dict
-    (``normalizer={"drop_articles": False}``), so data cards stay plain YAML.
+    Scorers holding a `Normalizer` also accept its fields directly (``lowercase=False``), as a dict
+    (``normalizer={"drop_articles": False}``) or as ``normalizer="strict"``, so data cards stay plain YAML.
     """
     if name not in _REGISTRY:
         raise EvalError(f"unknown scorer {name!r}; valid scorers: {', '.join(scorer_names())}")
-    cls = _REGISTRY[name].scorer_class  # type: ignore[attr-defined]
-    option_names = {f.name for f in fields(cls)}
-    if "normalizer" in option_names:
-        options = _fold_normalizer_options(options)
-    unknown = sorted(set(options) - option_names)
-    if unknown:
-        valid = sorted(option_names | ({f.name for f in fields(Normalizer)} if "normalizer" in option_names else set()))
-        raise EvalError(f"scorer {name!r} got unknown option(s) {unknown}; valid options: {valid}")
-    _check_option_types(name, cls, options)
-    return _REGISTRY[name](**options)
+    cls, preset = _REGISTRY[name]
+    options = {**preset, **options}
+    if "normalizer" in {f.name for f in fields(cls)} and "normalizer" in options:
+        normalizer = _normalizer_options(options.pop("normalizer"))
+        if normalizer is not None:
+            options["normalizer"] = normalizer
+    return from_mapping(cls, options, where=f"scorer {name!r}", error=EvalError)
 
 
-_OPTION_TYPES: dict[str, tuple[type, ...]] = {"bool": (bool,), "float": (int, float), "int": (int,), "str": (str,)}
-
-
-def _check_option_types(owner: str, cls: type, options: Mapping[str, Any]) -> None:
-    """A scalar option of the wrong type is an error naming it (``meteor: "yes"`` would otherwise be truthy)."""
-    declared = {f.name: f.type for f in fields(cls)}
-    for key, value in options.items():
-        allowed = _OPTION_TYPES.get(str(declared.get(key)))
-        if allowed is None:
-            continue
-        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-            raise EvalError(f"scorer {owner!r}: option {key!r} must be {declared[key]}, got {value!r}")
-
-
-def _fold_normalizer_options(options: dict[str, Any]) -> dict[str, Any]:
-    norm_fields = {f.name for f in fields(Normalizer)}
-    base = options.pop("normalizer", None)
-    if isinstance(base, Mapping):
-        bad = sorted(set(base) - norm_fields)
-        if bad:
-            raise EvalError(f"unknown normalizer option(s) {bad}; valid: {sorted(norm_fields)}")
-        _check_option_types("normalizer", Normalizer, base)
-        base = Normalizer(**base)
-    elif base == "strict":
-        base = Normalizer.strict()
-    elif base is not None and not isinstance(base, Normalizer):
-        raise EvalError(f"normalizer must be a Normalizer, a dict of its options or 'strict', got {base!r}")
-    flat = {k: options.pop(k) for k in list(options) if k in norm_fields}
-    _check_option_types("normalizer", Normalizer, flat)
-    if base is None and not flat:
-        return options
-    return {**options, "normalizer": replace(base or Normalizer(), **flat)}
+def _normalizer_options(value: Any) -> dict[str, Any] | None:
+    """A card's ``normalizer`` value as a mapping of `Normalizer` options ("strict" and instances included)."""
+    if value == "strict":
+        return asdict(Normalizer.strict())
+    if isinstance(value, Normalizer):
+        return asdict(value)
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else dict(value)
+    raise EvalError(f"normalizer must be a Normalizer, a dict of its options or 'strict', got {value!r}")
 
 
 @dataclass
@@ -414,7 +127,7 @@ class ExactMatch(Scorer):
     """Equality after normalisation (case-insensitive exact match in the reference evaluations, made lenient)."""
 
     name: ClassVar[str] = "exact_match"
-    normalizer: Normalizer = field(default_factory=Normalizer)
+    normalizer: Normalizer = field(default_factory=Normalizer, metadata=FLATTEN)
 
     def score_aligned(self, predictions: list[str], references: list[str], metas: list[dict]) -> ScoreResult:
         norm = self.normalizer
@@ -522,6 +235,15 @@ class Contains(Scorer):
             pattern = r"(?<!\w)" + re.escape(ref).replace(r"\ ", r"\s+") + r"(?!\w)"
             scores.append(float(re.search(pattern, pred, re.IGNORECASE) is not None))
         return _mean_result(scores)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes; 0 when the union has no area."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 @register_scorer("iou")
@@ -652,34 +374,6 @@ def align_by_id(
 def _preview(ids: list[str], limit: int = 10) -> str:
     shown = ", ".join(repr(i) for i in ids[:limit])
     return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
-
-
-_SCENE_OBJECT = re.compile(r"^(small|large) (\w+) (\w+) at ([\w ]+)$")
-
-
-_SCENE_COUNT = re.compile(r"^(\w+) objects?$")
-
-
-def parse_scene(text: str) -> tuple[dict[str, tuple[str, str, str]], str | None, str | None]:
-    """Parse a SynthCIT scene description ("scene: two objects; small red circle at top left; ...; text pen") into
-    {position: (size, colour, shape)}, the rendered word and the stated object count. Unparseable parts are ignored."""
-    body = text.strip()
-    body = body[len("scene:"):] if body.startswith("scene:") else body
-    objects, word, count = {}, None, None
-    for part in body.split(";"):
-        part = part.strip()
-        if part.startswith("text "):
-            word = part[5:].strip()
-            continue
-        match = _SCENE_OBJECT.match(part)
-        if match:
-            size, color, shape, where = match.groups()
-            objects.setdefault(where.strip(), (size, color, shape))
-            continue
-        match = _SCENE_COUNT.match(part)
-        if match and count is None:
-            count = match.group(1)
-    return objects, word, count
 
 
 @register_scorer("scene_attributes")

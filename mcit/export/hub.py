@@ -19,8 +19,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-import mcit
 from mcit.errors import McitError
+from mcit.version import __version__
 
 try:  # the HTTP client under huggingface_hub (2.x: httpx2; 1.x: httpx)
     from httpx2 import RequestError as _RequestError
@@ -64,7 +64,7 @@ def push_folder(
         raise McitError("no Hub token: pass --token, set HF_TOKEN, or log in once with `hf auth login`")
     scan_for_tokens(folder, token)
 
-    api = HfApi(endpoint=endpoint, token=token, library_name="mcit", library_version=mcit.__version__)
+    api = HfApi(endpoint=endpoint, token=token, library_name="mcit", library_version=__version__)
     step = "create the repository"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -24,8 +24,10 @@ from safetensors.torch import load_file
 
 from mcit.config import Recipe, load_recipe
 from mcit.errors import CheckpointError, McitError
+from mcit.evaluation.metrics import continual_metrics
 from mcit.export.merge import is_lora_key
-from mcit.train import checkpoint as ckpt
+from mcit.runs import checkpoint as ckpt
+from mcit.runtime.files import load_tensors
 
 STAGE_FOLDER = re.compile(r"^stage-(?P<number>\d+)-(?P<label>.+)$")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,7 +74,7 @@ class Stage:
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """The stage's `model.safetensors` (loaded once)."""
         if self._tensors is None:
-            self._tensors = ckpt.load_tensors(self.folder / "model.safetensors")
+            self._tensors = load_tensors(self.folder / "model.safetensors")
         return self._tensors
 
     def adapters(self) -> dict[str, Path]:
@@ -244,8 +246,6 @@ def _stage_number(stage: str | int) -> int:
 
 
 def _metrics(matrix: list, stage_tasks: list) -> dict[str, Any]:
-    from mcit.evaluation.metrics import continual_metrics
-
     try:
         return continual_metrics(matrix, stage_tasks)
     except McitError:  # a malformed or partial results.json: the card shows the matrix without metrics

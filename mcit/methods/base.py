@@ -1,16 +1,19 @@
 """The method plug-in interface: the runner owns the loop, a method owns only its hooks.
 
-A method is one file in `mcit/methods/` with a `Method` subclass registered by name and an `Options` dataclass for
-its recipe keys (written directly under `method:`). The runner calls, for a run of T tasks:
+A method is one module with a `Method` subclass and an `Options` dataclass for its recipe keys (written directly
+under `method:`). Built-in methods register by name with `@register("name")`; a method from another package is named
+in a recipe as `method.name: mypackage.module:MyMethod` or registered under the entry-point group `mcit.methods`.
+For a run of T tasks the runner calls:
 
-    model = method.setup(model, ctx)                      # once: wrap the base model (PEFT etc.)
+    model = method.attach(model, ctx)                      # once: stores ctx, then setup(model) wraps the model
     for stage, task_ids in enumerate(method.schedule(T)):
         method.prepare(model, stage, task_ids)             # structure for this stage (add/select adapters)
-        method.before_task(model, stage, data)             # data-dependent preparation
-        samples = method.train_samples(stage, data)        # what to train on (replay / joint mix here)
-        ... training: loss = CE + method.extra_loss(model, batch, outputs) ...
-        method.after_task(model, stage, data)              # prototypes, merges, buffers
-        checkpoint: method.state_tensors(model), method.state()   (safetensors + JSON)
+        method.before_task(model, stage, task_ids, data)   # data-dependent preparation
+        samples = method.train_samples(stage, task_ids, data)   # what to train on (replay / joint mix here)
+        settings = method.stage_training(stage, task_ids)  # this stage's `train:` overrides (default: none)
+        ... training: param_groups(model, train); loss = CE + method.extra_loss(model, batch, outputs) ...
+        method.after_task(model, stage, task_ids, data)    # prototypes, merges, buffers
+        checkpoint: method.state_tensors(model), method.method_tensors(), method.state()   (safetensors + JSON)
         evaluation: for each (context, indices) in method.eval_groups(model, samples): generate under context
 
 `prepare` must be deterministic given the method's saved state, because resuming a run replays `prepare` for every
@@ -20,18 +23,22 @@ finished stage to rebuild the model's structure before loading the saved tensors
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from mcit.config import Recipe
+from mcit.config import Recipe, TrainConfig
 from mcit.data.records import Sample
 from mcit.errors import RecipeError
-from mcit.schema import from_mapping
+from mcit.schema import from_mapping, suggest
 
+ENTRY_POINT_GROUP = "mcit.methods"
 _REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -46,15 +53,13 @@ class TaskData:
 
 @dataclass
 class RunContext:
-    """What `setup` may need beyond the model: the processor, the recipe, the data, the run folder."""
+    """What a method may need beyond the model: the processor, the recipe, the data, the run folder (None when a
+    checkpoint is rebuilt outside its run)."""
 
     processor: Any
     recipe: Recipe
     data: TaskData
     output_dir: Any = None
-    encode: Any = None
-    """Callable (samples) -> iterator of model batches, for methods that collect features (prototypes, CKA)."""
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class NoOptions:
 
 
 def register(name: str):
+    """Class decorator: make a Method subclass available to recipes as `method.name: <name>`."""
     def wrap(cls: type[Method]) -> type[Method]:
         cls.name = name
         _REGISTRY[name] = cls
@@ -71,30 +77,48 @@ def register(name: str):
     return wrap
 
 
-def method_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
-
-
-def _load_all() -> None:
-    import importlib
-    import pkgutil
-
-    import mcit.methods as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+def _load_builtin() -> None:
+    """Import every module of this package once: each built-in method registers itself on import."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name != "base":
-            importlib.import_module(f"mcit.methods.{info.name}")
+            importlib.import_module(f"{__package__}.{info.name}")
+
+
+def _load_external(spec: str) -> type[Method]:
+    """`package.module:ClassName` -> the class, which must subclass Method."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RecipeError(f"method.name: cannot import {module_name!r} for {spec!r} ({exc})") from exc
+    cls = getattr(module, attribute, None)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise RecipeError(f"method.name: {spec!r} is not a subclass of mcit.methods.base.Method")
+    if cls.name == Method.name:
+        cls.name = spec
+    return cls
+
+
+def _entry_point(name: str) -> type[Method] | None:
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name == name:
+            return _load_external(point.value)
+    return None
 
 
 def method_class(name: str) -> type[Method]:
-    _load_all()
-    if name not in _REGISTRY:
-        from mcit.schema import suggest
-
-        raise RecipeError(f"method.name: unknown method {name!r}{suggest(name, _REGISTRY)}; "
-                          f"available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    """The Method class a recipe's `method.name` names: a built-in, an `mcit.methods` entry point, or
+    `package.module:ClassName`."""
+    if ":" in name:
+        return _load_external(name)
+    _load_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    found = _entry_point(name)
+    if found is not None:
+        return found
+    raise RecipeError(f"method.name: unknown method {name!r}{suggest(name, _REGISTRY)}; "
+                      f"available: {', '.join(sorted(_REGISTRY))} (or package.module:ClassName)")
 
 
 def build_method(recipe: Recipe) -> Method:
@@ -106,34 +130,32 @@ def build_method(recipe: Recipe) -> Method:
 
 
 class Method:
-    """Base class: one PEFT LoRA over the language model, trained on each task in turn (no protection)."""
+    """The interface every method implements; the defaults are the neutral choice of each hook."""
 
     name: ClassVar[str] = "base"
     Options: ClassVar[type] = NoOptions
-    uses_lora: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe, options: Any):
         self.recipe = recipe
         self.options = options
+        self.ctx: RunContext | None = None
 
     # --- structure -------------------------------------------------------------------------------------------------
+    def attach(self, model, ctx: RunContext):
+        """Called once by whoever builds the run: keep `ctx` for the hooks, then `setup` the model."""
+        self.ctx = ctx
+        return self.setup(model)
+
+    def setup(self, model):
+        """Wrap the base model once (add adapters, gates...) and return it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement setup(model)")
+
     def schedule(self, num_tasks: int) -> list[list[int]]:
         """Task indices trained at each stage: one task per stage by default."""
         return [[t] for t in range(num_tasks)]
 
-    def setup(self, model, ctx: RunContext):
-        """Wrap the base model once; default: a PEFT LoRA named 'default' on the language model's linears."""
-        from mcit.models.loading import set_trainable_extras
-
-        self.ctx = ctx
-        if not self.uses_lora or self.recipe.model.full_finetune:
-            set_trainable_extras(model, self.recipe.model)
-            return model
-        return add_lora(model, self.recipe, "default")
-
     def prepare(self, model, stage: int, task_ids: Sequence[int]) -> None:
         """Make the parameters of this stage trainable (deterministic; replayed on resume)."""
-        set_lora_trainable(model, {"default"})
 
     # --- data and training -----------------------------------------------------------------------------------------
     def before_task(self, model, stage: int, task_ids: Sequence[int], data: TaskData) -> None:
@@ -142,9 +164,13 @@ class Method:
     def train_samples(self, stage: int, task_ids: Sequence[int], data: TaskData) -> list[Sample]:
         return [s for t in task_ids for s in data.train[data.names[t]]]
 
-    def param_groups(self, model) -> list[dict]:
-        """Optimizer groups; the projector gets its own lr when trained (LLaVA's reference uses lr/10)."""
-        train = self.recipe.train
+    def stage_training(self, stage: int, task_ids: Sequence[int]) -> dict[str, Any]:
+        """Overrides of the recipe's `train:` keys for this stage (e.g. a router stage's own lr and epochs)."""
+        return {}
+
+    def param_groups(self, model, train: TrainConfig) -> list[dict]:
+        """Optimizer groups for a stage trained with `train`; the projector gets lr/10 when trained (LLaVA's
+        reference)."""
         main, projector = [], []
         for name, param in model.named_parameters():
             if param.requires_grad:
@@ -192,38 +218,10 @@ class Method:
         return None
 
 
-# --- PEFT helpers shared by the LoRA methods ------------------------------------------------------------------------
+class Checkpoint(Method):
+    """A model loaded as it is (a PEFT adapter folder or a full model): nothing to set up, nothing routed."""
 
-def lora_config(model, recipe: Recipe, r: int | None = None, alpha: int | None = None):
-    from peft import LoraConfig
+    name = "checkpoint"
 
-    from mcit.models.loading import lora_target_regex
-
-    lora = recipe.lora if hasattr(recipe, "lora") else recipe.method.lora
-    return LoraConfig(r=r or lora.r, lora_alpha=alpha or lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora_target_regex(model, lora.target_modules), bias="none")
-
-
-def add_lora(model, recipe: Recipe, adapter: str, r: int | None = None, alpha: int | None = None):
-    """Add a LoRA adapter to (a PEFT-wrapped) `model`; the first call wraps the model with PEFT."""
-    from peft import PeftModel, get_peft_model
-
-    from mcit.models.loading import set_trainable_extras
-
-    if isinstance(model, PeftModel):
-        model.add_adapter(adapter, lora_config(model.get_base_model(), recipe, r, alpha))
+    def setup(self, model):
         return model
-    peft_model = get_peft_model(model, lora_config(model, recipe, r, alpha), adapter_name=adapter)
-    set_trainable_extras(peft_model, recipe.model)
-    return peft_model
-
-
-def set_lora_trainable(model, trainable: set[str]) -> None:
-    """requires_grad on exactly the LoRA weights of the named adapters (plus recipe extras left as they are)."""
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(any(f".{a}." in name or name.endswith(f".{a}") for a in trainable))
-
-
-def options_dict(options: Any) -> dict[str, Any]:
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}

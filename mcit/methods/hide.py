@@ -27,7 +27,6 @@ Deviations from the reference, each on purpose:
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,10 +35,20 @@ from typing import Any, Literal
 
 import torch
 
+from mcit.analysis.cka import CKAResult, choose_expand_layers, collect_layer_features, layerwise_cka
+from mcit.data.collate import Encoder, PixelCache, collate
 from mcit.errors import RecipeError
 from mcit.methods.base import TaskData, register
-from mcit.methods.experts import FUSIONS, ExpertMethod, num_lm_layers
+from mcit.methods.experts import FUSIONS, ExpertMethod, fused_factors
+from mcit.methods.experts.bank import delta_hook
+from mcit.methods.lora import lora_layers
+from mcit.models.loading import num_lm_layers
 from mcit.routing.prototypes import RouterOptions
+from mcit.runs.folder import RunFolder
+from mcit.runtime import dist
+from mcit.runtime.files import write_json_atomic, write_text_atomic
+from mcit.runtime.precision import autocast
+from mcit.runtime.zero import visible_parameters
 
 
 @dataclass
@@ -110,18 +119,15 @@ class HiDeLLaVA(ExpertMethod):
 
     def _fused_training_hooks(self, model, previous: list[str]) -> list:
         """Forward hooks adding the frozen fusion of `previous` in the task-general layers (computed once)."""
-        from mcit.methods.experts import _delta_hook, fused_factors, lora_layers
-        from mcit.routing.prototypes import _visible
-
         fused = self._fused_layers(model)
         handles = []
         for ref in lora_layers(model):
             if ref.index not in fused:
                 continue
             params = [p for e in previous for p in (ref.module.lora_A[e].weight, ref.module.lora_B[e].weight)]
-            with _visible(params), torch.no_grad():
+            with visible_parameters(params), torch.no_grad():
                 factors = fused_factors(ref.module, previous, self.fusion)
-            handles.append(ref.module.register_forward_hook(_delta_hook(factors, None)))
+            handles.append(ref.module.register_forward_hook(delta_hook(factors, None)))
         return handles
 
     def _remove_training_hooks(self) -> None:
@@ -159,24 +165,15 @@ class HiDeLLaVA(ExpertMethod):
         return set(range(num_lm_layers(model))) - set(self.expand_layers(model))
 
     def _read_cka(self):
-        from mcit.analysis.cka import CKAResult
-
         return CKAResult.from_json(Path(self.options.cka_path).expanduser().read_text(encoding="utf-8"))
 
     def _choose(self, result) -> list[int]:
-        from mcit.analysis.cka import choose_expand_layers
-
         if self.options.expand_threshold is not None:
             return choose_expand_layers(result, threshold=self.options.expand_threshold)
         return choose_expand_layers(result, count=self.options.expand_count or 1)
 
     def _in_run_cka(self, model, data: TaskData, stage: int) -> list[int]:
         """Layer-wise CKA between the run's experts (each alone on the base) on a shared training-sample probe."""
-        from mcit.analysis.cka import collect_layer_features, layerwise_cka
-        from mcit.data.collate import Encoder, PixelCache, collate
-        from mcit.train import distributed as dist
-        from mcit.train.loop import autocast_context
-
         experts = self.trained_experts()
         probe = []
         for expert in experts:
@@ -197,20 +194,19 @@ class HiDeLLaVA(ExpertMethod):
         try:
             for expert in experts:
                 model.set_adapter(expert)
-                with torch.no_grad(), autocast_context(self.recipe.model.autocast):
+                with torch.no_grad(), autocast(self.recipe.model.autocast):
                     features["+".join(self.expert_tasks[expert])] = collect_layer_features(model, batches())
         finally:
             self._activate(model, self.expert_name(stage))
         result = layerwise_cka(features, kind=self.options.cka_kind)
         layers = self._choose(result)
         self.cka_curve = {str(k): round(v, 6) for k, v in result.mean_cross_task.items()}
-        out = getattr(self.ctx, "output_dir", None)
-        if out is not None and dist.is_main():
-            folder = Path(out) / "analysis"
+        if self.ctx.output_dir is not None and dist.is_main():
+            folder = RunFolder(self.ctx.output_dir).analysis
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"hide-cka-stage-{stage + 1:02d}.json").write_text(result.to_json(), encoding="utf-8")
-            (folder / f"hide-cka-stage-{stage + 1:02d}.expand.json").write_text(
-                json.dumps({"expand_layers": layers, "probe_per_task": self.options.cka_samples}), encoding="utf-8")
+            write_text_atomic(folder / f"hide-cka-stage-{stage + 1:02d}.json", result.to_json())
+            write_json_atomic(folder / f"hide-cka-stage-{stage + 1:02d}.expand.json",
+                              {"expand_layers": layers, "probe_per_task": self.options.cka_samples})
         return layers
 
     # --- state -----------------------------------------------------------------------------------------------------

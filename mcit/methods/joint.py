@@ -6,10 +6,13 @@ The accuracy matrix then has two rows (zero-shot and after the joint stage); the
 
 from __future__ import annotations
 
-from mcit.methods.base import Method, register
+from mcit.methods.base import register
+from mcit.methods.lora_ft import SequentialLoRA
 
 
 @register("joint")
-class JointTraining(Method):
+class JointTraining(SequentialLoRA):
+    """Sequential LoRA's adapter, trained once on every task together."""
+
     def schedule(self, num_tasks: int) -> list[list[int]]:
         return [list(range(num_tasks))]

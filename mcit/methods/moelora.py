@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from mcit.errors import RecipeError
-from mcit.methods.base import Method, add_lora, register
-from mcit.methods.experts import lora_layers
-
-ADAPTER = "default"
+from mcit.methods.base import register
+from mcit.methods.lora import add_lora, lora_layers
+from mcit.methods.lora_ft import ADAPTER, SequentialLoRA
 
 
 @dataclass
@@ -46,7 +45,7 @@ def _gate_hook(layer, experts: int):
 
 
 @register("moelora")
-class MoELoRA(Method):
+class MoELoRA(SequentialLoRA):
     Options = MoELoRAOptions
 
     def __init__(self, recipe, options: MoELoRAOptions):
@@ -57,8 +56,7 @@ class MoELoRA(Method):
                               "rank r / experts (CoIN: 6 experts, r = 18)")
         self.handles: list = []
 
-    def setup(self, model, ctx):
-        self.ctx = ctx
+    def setup(self, model):
         model = add_lora(model, self.recipe, ADAPTER)
         for ref in lora_layers(model):
             linear = ref.module.lora_A[ADAPTER]

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from mcit.errors import RecipeError
-from mcit.methods.base import Method, RunContext, add_lora, register, set_lora_trainable
+from mcit.methods.base import Method, register
+from mcit.methods.lora import add_lora, set_lora_trainable
 
 
 def adapter_name(task: int) -> str:
@@ -65,8 +66,7 @@ class OLoRA(Method):
         self._stage = -1
         self._pairs: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
-    def setup(self, model, ctx: RunContext):
-        self.ctx = ctx
+    def setup(self, model):
         return add_lora(model, self.recipe, adapter_name(0))
 
     def prepare(self, model, stage: int, task_ids: Sequence[int]) -> None:

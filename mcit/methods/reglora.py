@@ -40,9 +40,10 @@ from typing import Any
 import torch
 
 from mcit.errors import CheckpointError, RecipeError
-from mcit.methods.base import Method, RunContext, TaskData, register, set_lora_trainable
+from mcit.methods.base import TaskData, register
+from mcit.methods.lora_ft import ADAPTER, SequentialLoRA
+from mcit.runtime.zero import is_sharded
 
-ADAPTER = "default"
 KEY_PREFIX = "keys."
 
 
@@ -75,19 +76,14 @@ def union_keys(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return torch.unique(torch.cat([old.to(torch.int64), new.to(torch.int64)])).to(torch.int32)
 
 
-def _is_sharded(param: torch.Tensor) -> bool:
-    # ZeRO-3 marks partitioned parameters with `ds_id`; their storage is swapped out once their module has run.
-    return hasattr(param, "ds_id")
-
-
 class _KeyedProduct(torch.autograd.Function):
     """out_k = Σ_r B[rows_k, r] · A[r, cols_k]: the entries of B·A at the key positions only."""
 
     @staticmethod
     def forward(ctx, b, a, rows, cols, chunk):  # noqa: D401 - autograd signature
         # A sharded weight loses its storage when its module releases it, so keep a private fp32 copy for backward.
-        bv = b.detach().to(torch.float32, copy=_is_sharded(b))
-        av = a.detach().to(torch.float32, copy=_is_sharded(a))
+        bv = b.detach().to(torch.float32, copy=is_sharded(b))
+        av = a.detach().to(torch.float32, copy=is_sharded(a))
         out = torch.empty(rows.numel(), dtype=torch.float32, device=bv.device)
         for s in range(0, rows.numel(), chunk):
             r, c = rows[s:s + chunk], cols[s:s + chunk]
@@ -133,7 +129,7 @@ def adapted_layers(model, adapter: str = ADAPTER) -> dict[str, Any]:
 
 
 @register("reglora")
-class RegLoRA(Method):
+class RegLoRA(SequentialLoRA):
     """One LoRA per task, merged into the base after the task; key positions of earlier tasks are penalised."""
 
     Options = RegLoRAOptions
@@ -152,16 +148,13 @@ class RegLoRA(Method):
         self._terms: dict[str, torch.Tensor] = {}
 
     # --- structure -------------------------------------------------------------------------------------------------
-    def setup(self, model, ctx: RunContext):
-        model = super().setup(model, ctx)
+    def setup(self, model):
+        model = super().setup(model)
         self._layers = adapted_layers(model)
         for name, layer in self._layers.items():
             layer.lora_A[ADAPTER].register_forward_hook(self._hook_a(name))
             layer.lora_B[ADAPTER].register_forward_hook(self._hook_b(name))
         return model
-
-    def prepare(self, model, stage: int, task_ids: Sequence[int]) -> None:
-        set_lora_trainable(model, {ADAPTER})
 
     # --- penalty ---------------------------------------------------------------------------------------------------
     def _hook_a(self, name: str):
@@ -169,7 +162,7 @@ class RegLoRA(Method):
             if name in self.keys and module.training and torch.is_grad_enabled():
                 w = module.weight
                 # a clone is still differentiable w.r.t. the parameter, and survives ZeRO-3 releasing the shard
-                self._stash[name] = w.clone() if _is_sharded(w) else w
+                self._stash[name] = w.clone() if is_sharded(w) else w
         return hook
 
     def _hook_b(self, name: str):

@@ -13,7 +13,8 @@ from typing import Any
 
 from mcit.data.records import Sample
 from mcit.errors import RecipeError
-from mcit.methods.base import Method, TaskData, register
+from mcit.methods.base import TaskData, register
+from mcit.methods.lora_ft import SequentialLoRA
 
 
 @dataclass
@@ -25,7 +26,7 @@ class ReplayOptions:
 
 
 @register("replay")
-class Replay(Method):
+class Replay(SequentialLoRA):
     Options = ReplayOptions
 
     def __init__(self, recipe, options: ReplayOptions):

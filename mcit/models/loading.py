@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from mcit.config import ModelConfig
 from mcit.errors import ModelError
+from mcit.models.tiny import resolve_builtin
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,8 +30,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
 def resolve_path(name_or_path: str) -> str:
     """A local directory for builtin models, a checked local path, or the hub id unchanged."""
     if name_or_path.startswith("builtin:"):
-        from mcit.models.tiny import resolve_builtin
-
         return str(resolve_builtin(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -122,6 +122,25 @@ def load_base(cfg: ModelConfig, path: str | None = None) -> tuple[Any, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, processor
+
+
+LM_LAYER = re.compile(
+    rf"(?:{'|'.join(sorted({re.escape(prefix.rsplit('.', 1)[-1]) for _, prefix in FAMILIES.values()}))})"
+    r"\.(?:model\.)?layers\.(\d+)\.")
+"""A module or parameter name inside decoder layer N of a family's language model (group 1: N)."""
+
+
+def lm_layer_index(name: str) -> int | None:
+    """The language-model decoder layer a module or parameter name lies in (0-based), else None."""
+    match = LM_LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def num_lm_layers(model) -> int:
+    """Decoder layers of the language model (from the text config of a multimodal config)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", config)
+    return int(text.num_hidden_layers)
 
 
 def language_model_prefix(model) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mcit.data.synthcit import VERSION, corpus
 from mcit.errors import ModelError
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava"
@@ -97,7 +98,6 @@ def build_processor(out_dir: Path, spec: TinyLlavaSpec):
     """Tokenizer + image processor + chat template as a `LlavaProcessor`, saved to `out_dir`."""
     from transformers import CLIPImageProcessorPil, LlamaTokenizer, LlavaProcessor
 
-    from mcit.data.synthcit import corpus
 
     train_tokenizer(out_dir, spec.vocab_size, corpus())
     # from_pretrained converts the sentencepiece model (tokenizer.model in out_dir) into a fast tokenizer
@@ -180,8 +180,6 @@ def resolve_builtin(name: str) -> Path:
                 "`mcit train recipes/synthcit/pretrain-tiny.yaml` and `mcit export --full` into that folder")
         return ASSET_DIR
     if key == "tiny-llava-init":
-        from mcit.data.synthcit import VERSION
-
         # the tokenizer is trained on SynthCIT's text, so a new generator version gets a new init
         path = cache_dir() / "models" / f"tiny-llava-init-v{VERSION}"
         if not (path / "config.json").exists():

@@ -24,15 +24,13 @@ training samples (before or after training) gives the same numbers as accumulati
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from mcit.data.records import Sample
 from mcit.errors import CheckpointError, ModelError, RecipeError
 
 TEXT_TOKENS = 77
@@ -236,154 +234,3 @@ def _cosine(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
 def routing_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
     """softmax(s / tau) per sample, in float64 (tau = 0.05 makes fp32 logits of 20x cosines; keep the digits)."""
     return torch.softmax(scores.to(torch.float64) / tau, dim=-1)
-
-
-# --- feature extractors ----------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _visible(params: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Gather ZeRO-3 shards that are not already gathered (the runner gathers everything around evaluation and
-    `after_task`; gathering again there would re-shard on exit under the runner's feet)."""
-    from mcit.train import distributed as dist
-
-    hidden = [p for p in params if dist.is_sharded(p) and getattr(getattr(p, "ds_status", None), "name", "")
-              == "NOT_AVAILABLE"]
-    with dist.gathered_parameters(hidden):
-        yield
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Features must not depend on whether the runner left the model in train mode (dropout)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-class ModelFeatures:
-    """Router features from the base model's own frozen vision tower and input embeddings."""
-
-    def __init__(self, model, processor):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner = getattr(base, "model", base)
-        self.vision = getattr(inner, "vision_tower", None) or getattr(base, "vision_tower", None)
-        if self.vision is None:
-            raise ModelError(f"router source 'model': {type(base).__name__} has no vision_tower; use "
-                             "method.router.source: clip")
-        self.embed = base.get_input_embeddings()
-        self.layer = getattr(base.config, "vision_feature_layer", -1)
-        if isinstance(self.layer, (list, tuple)):
-            self.layer = self.layer[-1]
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-
-    def image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        params = list(self.vision.parameters())
-        with _visible(params), _eval_mode(self.vision):
-            device, dtype = params[0].device, params[0].dtype
-            out = self.vision(pixel_values.to(device, dtype), output_hidden_states=True)
-            hidden = out.hidden_states[self.layer]
-            return hidden[:, 1:].float().mean(dim=1).cpu()  # patch tokens; CLS is dropped as LLaVA drops it
-
-    def text(self, texts: Sequence[str]) -> torch.Tensor:
-        weight = self.embed.weight
-        with _visible([weight]):
-            rows = []
-            for text in texts:
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:TEXT_TOKENS] or \
-                    [self.tokenizer.pad_token_id]
-                rows.append(weight[torch.tensor(ids, device=weight.device)].float().mean(dim=0).cpu())
-            return torch.stack(rows)
-
-
-class ClipFeatures:
-    """Router features from external CLIP encoders (image embeddings; pooled text output of the instruction)."""
-
-    def __init__(self, image_encoder: str | None, text_encoder: str | None, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.vision = self.image_processor = self.text_model = self.tokenizer = None
-        try:
-            if image_encoder:
-                from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
-
-                self.vision = CLIPVisionModelWithProjection.from_pretrained(image_encoder).to(self.device).eval()
-                self.image_processor = AutoImageProcessor.from_pretrained(image_encoder)
-            if text_encoder:
-                from transformers import AutoTokenizer, CLIPTextModel
-
-                self.text_model = CLIPTextModel.from_pretrained(text_encoder).to(self.device).eval()
-                self.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
-        except OSError as exc:
-            raise ModelError(f"method.router: cannot load CLIP encoder {image_encoder or text_encoder!r} "
-                             f"({type(exc).__name__}: {exc}); download it where you have internet and set "
-                             "method.router.image_encoder / text_encoder to the local directory") from exc
-        for module in (self.vision, self.text_model):
-            if module is not None:
-                module.requires_grad_(False)
-
-    def image(self, images: list) -> torch.Tensor:
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-        return self.vision(pixel_values=pixels).image_embeds.float().cpu()
-
-    def text(self, texts: Sequence[str]) -> torch.Tensor:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=TEXT_TOKENS, return_tensors="pt")
-        out = self.text_model(**{k: v.to(self.device) for k, v in enc.items()})
-        return out.pooler_output.float().cpu()  # the references route on the pooled output, before projection
-
-
-class FeatureExtractor:
-    """Samples -> SampleFeatures, with the configured source; images are read through the run's processor."""
-
-    def __init__(self, options: RouterOptions, model, processor):
-        self.options = options
-        self.processor = processor
-        if options.source == "clip":
-            device = next(model.parameters()).device
-            self.impl: Any = ClipFeatures(options.image_encoder if options.features != "text" else None,
-                                          options.text_encoder if options.features != "image" else None, device)
-        else:
-            self.impl = ModelFeatures(model, processor)
-        from mcit.data.collate import PixelCache
-
-        self.pixels = PixelCache(processor, keep=False)
-
-    @torch.no_grad()
-    def __call__(self, samples: Sequence[Sample]) -> SampleFeatures:
-        opts = self.options
-        images, texts, has = [], [], []
-        for start in range(0, len(samples), opts.batch_size):
-            chunk = samples[start:start + opts.batch_size]
-            if opts.features != "image":
-                texts.append(self.impl.text([s.question for s in chunk]))
-            if opts.features != "text":
-                with_image = [s for s in chunk if s.image]
-                rows = self._images(with_image) if with_image else None
-                block = None
-                if rows is not None:
-                    block = torch.zeros(len(chunk), rows.shape[1])
-                    block[torch.tensor([i for i, s in enumerate(chunk) if s.image])] = rows
-                images.append(block)
-            has.append(torch.tensor([bool(s.image) for s in chunk], dtype=torch.bool))
-        has_image = torch.cat(has) if has else torch.zeros(0, dtype=torch.bool)
-        image = None
-        if opts.features != "text" and any(b is not None for b in images):
-            dim = next(b.shape[1] for b in images if b is not None)
-            image = torch.cat([b if b is not None else torch.zeros(len(h), dim) for b, h in zip(images, has)])
-        text = torch.cat(texts) if texts else None
-        return SampleFeatures(image=image, has_image=has_image if image is not None else
-                              torch.zeros_like(has_image), text=text)
-
-    def _images(self, samples: Sequence[Sample]) -> torch.Tensor:
-        if isinstance(self.impl, ClipFeatures):
-            from PIL import Image
-
-            loaded = []
-            for s in samples:
-                with Image.open(s.image) as img:
-                    loaded.append(img.convert("RGB"))
-            return self.impl.image(loaded)
-        return self.impl.image(self.pixels([s.image for s in samples]))

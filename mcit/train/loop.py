@@ -4,112 +4,26 @@ step checkpoints for resume. Plain PyTorch in one process; a DeepSpeed engine wh
 
 from __future__ import annotations
 
-import contextlib
-import math
+import json
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from mcit import failpoints
-from mcit.config import Recipe
-from mcit.data.collate import Encoded, PixelCache, collate, epoch_batches
-from mcit.train import checkpoint as ckpt
-from mcit.train import distributed as dist
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
-
-
-def autocast_context(dtype_name: str | None, device: torch.device | str = "cpu"):
-    dtype = AUTOCAST[dtype_name]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-class FrozenLinearCast:
-    """Hold the frozen fp32 `nn.Linear` weights in the autocast dtype while training, so autocast stops re-casting
-    them on every forward (15 % of a tiny-model CPU step, measured in bench/). Exact: autocast rounds an fp32
-    weight to the same bf16/fp16 values on every call, so matmuls, loss and gradients are bitwise unchanged.
-
-    Only weights that no gradient reaches, that are fp32 and that no other module shares (tied embeddings stay
-    fp32); LoRA factors, trained or frozen, are left alone. `restore()` puts the original fp32 tensors back (the
-    objects themselves, so nothing is rounded); the trainer restores around step checkpoints and at the end, so
-    whatever reads or writes base weights outside the step loop (RegLoRA's merge and saved base weights, resume)
-    sees fp32.
-    """
-
-    def __init__(self, model, dtype: torch.dtype | None):
-        self.dtype = dtype
-        self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        self._weights: list[torch.nn.Parameter] = []
-        if dtype is None:
-            return
-        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-        for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if (type(module) is torch.nn.Linear and "lora_" not in name and isinstance(weight, torch.nn.Parameter)
-                    and not weight.requires_grad and weight.dtype == torch.float32 and uses[id(weight)] == 1):
-                self._weights.append(weight)
-
-    def __len__(self) -> int:
-        return len(self._weights)
-
-    def apply(self) -> None:
-        if self._saved or not self._weights:
-            return
-        for weight in self._weights:
-            self._saved.append((weight, weight.data))
-            weight.data = weight.data.to(self.dtype)
-
-    def restore(self) -> None:
-        for weight, data in self._saved:
-            weight.data = data
-        self._saved = []
-
-
-def cosine_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-@dataclass
-class StagePlan:
-    micro_batches: list[list[int]]
-    steps: int
-    grad_accum: int
-    warmup: int
-
-
-def plan_stage(lengths: list[int], recipe: Recipe, stage: int) -> StagePlan:
-    """The exact micro-batch sequence of a stage (same seed -> same plan, on every rank)."""
-    tc = recipe.train
-    world, rank = dist.world_size(), dist.rank()
-    epochs = max(1, math.ceil(tc.epochs))
-    batches = list(epoch_batches(lengths, tc.batch_size, recipe.seed * 7919 + stage, epochs,
-                                 group=tc.group_by_length, rank=rank, world_size=world))
-    per_epoch = len(batches) / epochs
-    if tc.max_steps is not None:
-        needed = tc.max_steps * tc.grad_accum
-        while len(batches) < needed:  # more steps than the data: keep cycling fresh epochs
-            batches += list(epoch_batches(lengths, tc.batch_size, recipe.seed * 7919 + stage + 104729 * len(batches),
-                                          1, group=tc.group_by_length, rank=rank, world_size=world))
-        batches = batches[:needed]
-    else:
-        batches = batches[:max(tc.grad_accum, int(round(per_epoch * tc.epochs)))]
-    steps = max(1, len(batches) // tc.grad_accum)
-    batches = batches[:steps * tc.grad_accum]
-    return StagePlan(batches, steps, tc.grad_accum, int(math.ceil(tc.warmup_ratio * steps)))
+from mcit.config import Recipe, TrainConfig
+from mcit.data.collate import Encoded, PixelCache, collate
+from mcit.runs import checkpoint as ckpt
+from mcit.runtime import dist, failpoints
+from mcit.runtime.files import load_tensors
+from mcit.runtime.precision import AUTOCAST, autocast
+from mcit.runtime.seeding import rng_state, set_rng_state
+from mcit.train import deepspeed as ds
+from mcit.train.frozen_cast import FrozenLinearCast
+from mcit.train.optimizer_state import optimizer_from_tensors, optimizer_to_tensors
+from mcit.train.schedule import cosine_lambda, plan_stage
 
 
 class StageTrainer:
@@ -117,19 +31,21 @@ class StageTrainer:
 
     def __init__(self, model, method, recipe: Recipe, encoded: list[Encoded], pixels: PixelCache, pad_id: int, *,
                  stage: int, label: str, step_dir: Path, log: Callable[[dict], None], ds_config: dict | None = None,
-                 image_info: dict | None = None):
+                 image_info: dict | None = None, train: TrainConfig | None = None):
         self.model, self.method, self.recipe = model, method, recipe
+        self.train = train or recipe.train
+        """This stage's settings: the recipe's `train:` unless the method declares its own for the stage."""
         self.encoded, self.pixels, self.pad_id = encoded, pixels, pad_id
         self.stage, self.label, self.step_dir, self.log = stage, label, Path(step_dir), log
         self.ds_config = ds_config
         self.image_info = image_info or {}
-        self.plan = plan_stage([len(e) for e in encoded], recipe, stage)
+        self.plan = plan_stage([len(e) for e in encoded], self.train, recipe.seed, stage)
 
     # --- optimizer -------------------------------------------------------------------------------------------------
     def _build(self):
-        groups = self.method.param_groups(self.model)
+        groups = self.method.param_groups(self.model, self.train)
         if self.ds_config is not None:
-            engine = dist.initialize(self.model, groups, self.ds_config, self.plan.steps, self.plan.warmup)
+            engine = ds.initialize(self.model, groups, self.ds_config, self.plan.steps, self.plan.warmup)
             return engine, engine.optimizer, engine.lr_scheduler
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(self.plan.warmup, self.plan.steps))
@@ -140,16 +56,16 @@ class StageTrainer:
         folder = self.step_dir
         if self.ds_config is not None or not ckpt.is_complete(folder):
             return 0
-        meta = __import__("json").loads((folder / "trainer.json").read_text())
+        meta = json.loads((folder / "trainer.json").read_text())
         if meta.get("stage") != self.stage or meta.get("steps") != self.plan.steps:
             return 0
         ckpt.open_checkpoint(folder)
-        tensors = ckpt.load_tensors(folder / "model.safetensors")
+        tensors = load_tensors(folder / "model.safetensors")
         self.model.load_state_dict(tensors, strict=False)
-        ckpt.optimizer_from_tensors(optimizer, ckpt.load_tensors(folder / "optimizer.safetensors"), meta["optimizer"])
+        optimizer_from_tensors(optimizer, load_tensors(folder / "optimizer.safetensors"), meta["optimizer"])
         scheduler.load_state_dict(meta["scheduler"])
-        ckpt.set_rng_state(ckpt.load_tensors(folder / "rng.safetensors"))
-        extra = ckpt.load_tensors(folder / "method.safetensors")
+        set_rng_state(load_tensors(folder / "rng.safetensors"))
+        extra = load_tensors(folder / "method.safetensors")
         self.method.load_state(meta.get("method", {}), extra)
         return int(meta["step"])
 
@@ -158,9 +74,9 @@ class StageTrainer:
             return  # DeepSpeed optimizer state would need its pickle-based checkpoints: resume per stage instead
         writer = ckpt.CheckpointWriter(self.step_dir)
         writer.tensors("model.safetensors", self.method.state_tensors(self.model))
-        tensors, layout = ckpt.optimizer_to_tensors(optimizer)
+        tensors, layout = optimizer_to_tensors(optimizer)
         writer.tensors("optimizer.safetensors", tensors)
-        writer.tensors("rng.safetensors", ckpt.rng_state())
+        writer.tensors("rng.safetensors", rng_state())
         writer.tensors("method.safetensors", self.method.method_tensors())
         writer.json("trainer.json", {"stage": self.stage, "step": step, "steps": self.plan.steps,
                                      "optimizer": layout, "scheduler": scheduler.state_dict(),
@@ -171,7 +87,7 @@ class StageTrainer:
     def _batch(self, indices: list[int]) -> dict:
         batch = collate([self.encoded[i] for i in indices], self.pad_id, self.pixels)
         if dist.world_size() > 1 and self.image_info:
-            batch = dist.ensure_vision_forward(batch, pad_token_id=self.pad_id, **self.image_info)
+            batch = ds.ensure_vision_forward(batch, pad_token_id=self.pad_id, **self.image_info)
         return batch
 
     def run(self) -> dict[str, Any]:
@@ -191,20 +107,20 @@ class StageTrainer:
             cast.restore()
         bar.close()
         if engine is not None:
-            self.model = dist.release(engine)
+            self.model = ds.release(engine)
         optimizer.zero_grad(set_to_none=True)
         return {"steps": self.plan.steps, "resumed_from": start, "seconds": round(elapsed, 2),
                 "samples_per_s": round(seen / max(elapsed, 1e-9), 2),
                 "final_loss": losses[-1] if losses else None}
 
     def _steps(self, model, engine, optimizer, scheduler, params, start: int, bar, cast: FrozenLinearCast):
-        tc = self.recipe.train
+        tc = self.train
         t0, seen, losses = time.time(), 0, []
         for step in range(start, self.plan.steps):
             step_loss = 0.0
             for micro in range(self.plan.grad_accum):
                 batch = self._batch(self.plan.micro_batches[step * self.plan.grad_accum + micro])
-                with autocast_context(self.recipe.model.autocast):
+                with autocast(self.recipe.model.autocast):
                     outputs = model(**batch)
                     loss = outputs.loss
                     extra = self.method.extra_loss(self.model, batch, outputs)

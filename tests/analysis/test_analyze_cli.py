@@ -126,7 +126,7 @@ def test_labels_and_default_out_for_stage_folders(tmp_path):
 
 
 def test_mcit_analyze_cka_subprocess(setup, tmp_path):
-    check = subprocess.run([sys.executable, "-c", "import mcit.cli, mcit.evaluation.standalone; mcit.cli.build_parser()"],
+    check = subprocess.run([sys.executable, "-c", "import mcit.cli, mcit.workflows.evaluate; mcit.cli.build_parser()"],
                            capture_output=True, text=True)
     if check.returncode != 0:
         pytest.skip(f"mcit.cli or its evaluation imports are not importable yet: {check.stderr.strip().splitlines()[-1:]}")

@@ -90,6 +90,20 @@ def test_wrong_types_and_values_name_the_key_path(tmp_path):
         load_card(write_card(tmp_path, BASE + "  - {name: colors, test: t.json}\n"))
     with pytest.raises(DataError, match=r"tasks\[0\]\.name: required key is missing"):
         load_card(write_card(tmp_path, "name: toy\ntasks:\n  - {train: a.json}\n"))
+    with pytest.raises(DataError, match=r"tasks\[1\]: expected a mapping, got str \('colors'\)"):
+        load_card(write_card(tmp_path, BASE + "  - colors\n"))
+    with pytest.raises(DataError, match=r"tasks: expected a non-empty list of task mappings"):
+        load_card(write_card(tmp_path, "name: toy\ntasks: []\n"))
+    with pytest.raises(DataError, match=r"tasks\[0\]\.answer_style: 'wrd' is not valid; did you mean 'word'"):
+        load_card(write_card(tmp_path, BASE.replace("answer_style: word", "answer_style: wrd")))
+
+
+def test_the_card_file_is_not_a_key(tmp_path):
+    path = write_card(tmp_path, BASE)
+    assert load_card(path).path == path.resolve()
+    with pytest.raises(DataError, match=r"path: unknown key; valid keys: name, tasks, description, root, citation, "
+                                        r"generator$"):
+        load_card(write_card(tmp_path, "path: elsewhere.yaml\n" + BASE))
 
 
 def test_root_expansion(tmp_path, monkeypatch):

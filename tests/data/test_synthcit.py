@@ -10,7 +10,8 @@ import pytest
 
 from mcit.data import synthcit
 from mcit.data.cards import load_card
-from mcit.evaluation.scorers import get_scorer, parse_scene
+from mcit.data.synthcit_scenes import NUMBER_WORDS, parse_scene
+from mcit.evaluation.scorers import get_scorer
 
 TINY = synthcit.BuildConfig(seed=3, n_train=40, n_test=12, n_pretrain=30, n_pretrain_test=8)
 
@@ -68,7 +69,7 @@ def test_answers_follow_the_ground_truth(built):
     for r in _records(built, synthcit.PRETRAIN_TASK, "train"):
         objects, word, count = parse_scene(r["conversations"][1]["value"])
         truth = r["meta"]["truth"]
-        assert count == synthcit.NUMBER_WORDS[len(truth["objects"])]
+        assert count == NUMBER_WORDS[len(truth["objects"])]
         assert word == truth["word"]
         assert {(o["size"], o["color"], o["shape"]) for o in truth["objects"]} == set(objects.values())
 

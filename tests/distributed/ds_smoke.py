@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mcit.train import distributed as dist
+from mcit.runtime import dist, zero
+from mcit.train import deepspeed as ds
 
 SEED = 0
 IMAGE_TOKEN = 511
@@ -108,7 +109,7 @@ def add_lora(model):
 
 
 def save_adapter(peft_model, folder: Path) -> dict[str, torch.Tensor]:
-    state = dist.state_dict_for_saving(peft_model, lambda name, _p: "lora_" in name)
+    state = zero.state_dict_for_saving(peft_model, lambda name, _p: "lora_" in name)
     if dist.is_main():
         peft_model.save_pretrained(folder, state_dict=state)
     return state
@@ -121,7 +122,7 @@ def run_reference(out: Path, steps: int) -> None:
     model = LlavaForConditionalGeneration.from_pretrained(ensure_base(out), dtype=torch.float32)
     model, groups = add_lora(model)
     optimizer = torch.optim.AdamW(groups)
-    schedule = dist.cosine_schedule(optimizer, WARMUP, steps)
+    schedule = ds.cosine_schedule(optimizer, WARMUP, steps)
     trainable = [p for g in groups for p in g["params"]]
     pool, losses = sample_pool(), []
     for step in range(steps):
@@ -145,11 +146,11 @@ def check_from_config(ds_config: dict) -> dict:
     """Under ZeRO-3, `_from_config` must build the weights sharded and still initialised (not zeros)."""
     from transformers import LlavaForConditionalGeneration
 
-    with dist.hf_deepspeed_context(ds_config):
+    with ds.hf_deepspeed_context(ds_config):
         model = LlavaForConditionalGeneration._from_config(tiny_config())
     weight = model.model.language_model.layers[0].mlp.up_proj.weight
-    sharded = dist.is_sharded(weight) and weight.numel() < dist.full_shape(weight).numel()
-    with dist.gathered_parameters(weight):
+    sharded = zero.is_sharded(weight) and weight.numel() < zero.full_shape(weight).numel()
+    with zero.gathered_parameters(weight):
         std = weight.std().item()
     return {"from_config_sharded": sharded, "from_config_std": std}
 
@@ -164,7 +165,7 @@ def run_zero(
     # The global batch holds GLOBAL_BATCH // MICRO_BATCH micro-batches: one per rank, or accumulated on fewer ranks.
     parts = GLOBAL_BATCH // MICRO_BATCH
     accum = parts // dist.world_size()
-    ds_config = dist.build_ds_config(
+    ds_config = ds.build_ds_config(
         ROOT / "launch" / f"zero{name}.json", micro_batch=MICRO_BATCH, grad_accum=accum, lr=LR,
         weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, bf16=bf16, zero_stage=stage, hidden_size=256,
     )
@@ -172,12 +173,12 @@ def run_zero(
     folder.mkdir(parents=True, exist_ok=True)
     checks: dict = {"world_size": dist.world_size()}
     started = time.time()
-    with dist.hf_deepspeed_context(ds_config):
+    with ds.hf_deepspeed_context(ds_config):
         model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
         up = model.model.language_model.layers[0].mlp.up_proj.weight
-        checks["base_sharded"] = dist.is_sharded(up)
+        checks["base_sharded"] = zero.is_sharded(up)
         model, groups = add_lora(model)
-        engine = dist.initialize(model, groups, ds_config, num_training_steps=steps, warmup_steps=WARMUP)
+        engine = ds.initialize(model, groups, ds_config, num_training_steps=steps, warmup_steps=WARMUP)
         pool, losses = sample_pool(), []
         for step in range(steps):
             if dist.rank() == crash_rank and step == crash_step:
@@ -187,7 +188,7 @@ def run_zero(
             for part in range(dist.rank() * accum, (dist.rank() + 1) * accum):
                 batch = micro_batch(pool, step, part)
                 if guard:
-                    batch = dist.ensure_vision_forward(
+                    batch = ds.ensure_vision_forward(
                         batch, image_token_id=IMAGE_TOKEN, num_image_tokens=NUM_IMAGE_TOKENS, image_shape=IMAGE_SHAPE
                     )
                 loss = engine(**batch).loss
@@ -200,7 +201,7 @@ def run_zero(
         saved = save_adapter(engine.module, folder / "adapter")
         if stage == 3:
             checks.update(roundtrip(engine.module, saved))
-            checks.update(second_task(dist.release(engine), saved, ds_config, pool, guard))
+            checks.update(second_task(ds.release(engine), saved, ds_config, pool, guard))
             checks.update(check_from_config(ds_config))
     if dist.is_main():
         (folder / "losses.json").write_text(json.dumps(losses))
@@ -213,12 +214,12 @@ def roundtrip(model, saved: dict[str, torch.Tensor]) -> dict:
     """Zero the LoRA B weights of the sharded model, load the saved adapter back, and compare after gathering."""
     names = [n for n in saved if "lora_B" in n]
     params = dict(model.named_parameters())
-    with dist.gathered_parameters([params[n] for n in names], modifier_rank=0), torch.no_grad():
+    with zero.gathered_parameters([params[n] for n in names], modifier_rank=0), torch.no_grad():
         for name in names:
             params[name].zero_()
-    zeroed = dist.state_dict_for_saving(model, lambda n, _p: n in names)
-    dist.load_parameters(model, saved)
-    again = dist.state_dict_for_saving(model, lambda n, _p: n in saved)
+    zeroed = zero.state_dict_for_saving(model, lambda n, _p: n in names)
+    zero.load_parameters(model, saved)
+    again = zero.state_dict_for_saving(model, lambda n, _p: n in saved)
     return {
         "zeroed_ok": all(bool((zeroed[n] == 0).all()) for n in names),
         "roundtrip_ok": all(torch.equal(again[n], saved[n]) for n in saved),
@@ -235,16 +236,16 @@ def second_task(peft_model, first: dict[str, torch.Tensor], ds_config: dict, poo
     for name, param in peft_model.named_parameters():
         param.requires_grad_("task2" in name)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    engine = dist.initialize(peft_model, [{"params": params, "lr": LR, "weight_decay": 0.0}], ds_config, 4, 1)
+    engine = ds.initialize(peft_model, [{"params": params, "lr": LR, "weight_decay": 0.0}], ds_config, 4, 1)
     for step in range(4):
         batch = micro_batch(pool, step, dist.rank())
         if guard:
-            batch = dist.ensure_vision_forward(
+            batch = ds.ensure_vision_forward(
                 batch, image_token_id=IMAGE_TOKEN, num_image_tokens=NUM_IMAGE_TOKENS, image_shape=IMAGE_SHAPE
             )
         engine.backward(engine(**batch).loss)
         engine.step()
-    after = dist.state_dict_for_saving(engine.module, lambda n, _p: n in first or "task2" in n)
+    after = zero.state_dict_for_saving(engine.module, lambda n, _p: n in first or "task2" in n)
     return {
         "task2_trained": all(after[n].abs().sum() > 0 for n in after if "task2" in n and "lora_B" in n),
         "task1_unchanged": all(torch.equal(after[n], first[n]) for n in first),

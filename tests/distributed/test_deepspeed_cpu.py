@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from mcit.errors import CheckpointError, RecipeError
-from mcit.train import distributed as dist
+from mcit.runtime import zero
+from mcit.train import deepspeed as ds
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -34,7 +35,7 @@ STEPS = 20
 
 def test_build_ds_config_fills_auto_from_the_recipe(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = dist.build_ds_config(
+    config = ds.build_ds_config(
         ROOT / "launch" / "zero3.json", micro_batch=2, grad_accum=4, lr=1e-4, weight_decay=0.0, grad_clip=0.5,
         bf16=True, zero_stage=None, hidden_size=256,
     )
@@ -47,24 +48,24 @@ def test_build_ds_config_fills_auto_from_the_recipe(monkeypatch) -> None:
 
 
 def test_build_ds_config_stage_override_drops_stage3_keys() -> None:
-    config = dist.build_ds_config(
+    config = ds.build_ds_config(
         ROOT / "launch" / "zero3.json", micro_batch=1, grad_accum=1, lr=1e-4, weight_decay=0.0, grad_clip=1.0,
         bf16=False, zero_stage=2, hidden_size=None,
     )
-    assert dist.zero_stage_of(config) == 2 and "reduce_bucket_size" not in config["zero_optimization"]
+    assert ds.zero_stage_of(config) == 2 and "reduce_bucket_size" not in config["zero_optimization"]
     assert "stage3_prefetch_bucket_size" not in config["zero_optimization"]
 
 
 def test_build_ds_config_rejects_values_that_disagree_with_the_recipe() -> None:
     template = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}
     with pytest.raises(RecipeError, match="train_micro_batch_size_per_gpu=8"):
-        dist.build_ds_config(template, micro_batch=2, grad_accum=1, lr=1e-4, weight_decay=0.0, grad_clip=1.0,
+        ds.build_ds_config(template, micro_batch=2, grad_accum=1, lr=1e-4, weight_decay=0.0, grad_clip=1.0,
                              bf16=False, zero_stage=None)
     with pytest.raises(RecipeError, match="scheduler"):
-        dist.build_ds_config({"scheduler": {"type": "WarmupLR"}}, micro_batch=2, grad_accum=1, lr=1e-4,
+        ds.build_ds_config({"scheduler": {"type": "WarmupLR"}}, micro_batch=2, grad_accum=1, lr=1e-4,
                              weight_decay=0.0, grad_clip=1.0, bf16=False, zero_stage=2)
     with pytest.raises(RecipeError, match="does not exist"):
-        dist.build_ds_config(ROOT / "launch" / "nope.json", micro_batch=2, grad_accum=1, lr=1e-4,
+        ds.build_ds_config(ROOT / "launch" / "nope.json", micro_batch=2, grad_accum=1, lr=1e-4,
                              weight_decay=0.0, grad_clip=1.0, bf16=False, zero_stage=2)
 
 
@@ -72,9 +73,9 @@ def test_hf_deepspeed_context_is_scoped() -> None:
     pytest.importorskip("deepspeed")
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    config = dist.build_ds_config(ROOT / "launch" / "zero3.json", micro_batch=1, grad_accum=1, lr=1e-4,
+    config = ds.build_ds_config(ROOT / "launch" / "zero3.json", micro_batch=1, grad_accum=1, lr=1e-4,
                                   weight_decay=0.0, grad_clip=1.0, bf16=False, zero_stage=None)
-    with dist.hf_deepspeed_context(config):
+    with ds.hf_deepspeed_context(config):
         assert is_deepspeed_zero3_enabled()
     assert not is_deepspeed_zero3_enabled()
 
@@ -87,7 +88,7 @@ def test_dummy_image_leaves_loss_and_gradients_unchanged() -> None:
     model = LlavaForConditionalGeneration(smoke.tiny_config())
     batch = smoke.micro_batch(smoke.sample_pool(), step=2, part=1)
     assert "pixel_values" not in batch
-    guarded = dist.ensure_vision_forward(batch, image_token_id=smoke.IMAGE_TOKEN,
+    guarded = ds.ensure_vision_forward(batch, image_token_id=smoke.IMAGE_TOKEN,
                                          num_image_tokens=smoke.NUM_IMAGE_TOKENS, image_shape=smoke.IMAGE_SHAPE)
     grads = []
     for inputs in (batch, guarded):
@@ -114,20 +115,20 @@ def test_dummy_image_leaves_loss_and_gradients_unchanged() -> None:
 def test_state_dict_for_saving_copies_trainable_parameters_without_zero() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
     model[0].weight.requires_grad_(False)
-    state = dist.state_dict_for_saving(model)
+    state = zero.state_dict_for_saving(model)
     assert set(state) == {"0.bias", "1.weight", "1.bias"}
     state["1.weight"].fill_(7.0)
     assert not torch.equal(model[1].weight.detach(), state["1.weight"]), "the result must be a copy"
-    dist.load_parameters(model, {"1.weight": state["1.weight"]})
+    zero.load_parameters(model, {"1.weight": state["1.weight"]})
     assert torch.equal(model[1].weight.detach(), torch.full((2, 2), 7.0))
 
 
 def test_load_parameters_names_the_bad_tensor() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     with pytest.raises(CheckpointError, match="0.weight"):
-        dist.load_parameters(model, {"0.weight": torch.zeros(3, 3)})
+        zero.load_parameters(model, {"0.weight": torch.zeros(3, 3)})
     with pytest.raises(CheckpointError, match="lora_A"):
-        dist.load_parameters(model, {"0.lora_A.weight": torch.zeros(1)})
+        zero.load_parameters(model, {"0.lora_A.weight": torch.zeros(1)})
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.conftest import write_recipe
+from tests.recipes import write_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -6,7 +6,7 @@ import pytest
 
 from mcit.data.records import Sample
 from mcit.errors import EvalError
-from mcit.evaluation.evaluate import _candidates
+from mcit.evaluation.evaluate import _candidates, _constrained_hit
 
 
 def sample(**meta) -> Sample:
@@ -28,8 +28,13 @@ def test_malformed_metadata_is_an_eval_error_naming_the_sample(meta):
         _candidates(sample(**meta))
 
 
+def test_constrained_choice_counts_when_it_normalises_to_the_reference():
+    assert _constrained_hit("Circle.", "circle") and _constrained_hit("3", "three")
+    assert not _constrained_hit("circle", "circles")
+
+
 def test_default_eval_output_keeps_stage_folders_clean(tmp_path):
-    from mcit.evaluation.standalone import default_output
+    from mcit.workflows.evaluate import default_output
 
     stage = tmp_path / "run" / "checkpoints" / "stage-02-count"
     stage.mkdir(parents=True)

@@ -2,8 +2,9 @@
 
 import pytest
 
+from mcit.data.records import ANSWER_STYLES
 from mcit.errors import EvalError
-from mcit.evaluation.formats import STYLES, check_format, label_prediction
+from mcit.evaluation.formats import check_format, label_prediction
 
 CASES = {
     "word": (
@@ -20,7 +21,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", ANSWER_STYLES)
 def test_check_format_accepts_and_rejects(style):
     accepted, rejected = CASES[style]
     for prediction in accepted:

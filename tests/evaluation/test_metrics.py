@@ -3,7 +3,7 @@
 import pytest
 
 from mcit.errors import EvalError
-from mcit.evaluation.metrics import continual_metrics, matrix_to_markdown, metrics_to_markdown
+from mcit.evaluation.metrics import METRICS, continual_metrics, matrix_to_markdown, metrics_to_markdown
 
 # Zero-shot row + three sequential stages. Task 0 peaks after stage 2 (85), so forgetting != -BWT.
 SEQ = [
@@ -23,6 +23,7 @@ def test_sequential_metrics_by_hand():
     assert m["BWT"] == pytest.approx(((50 - 80) + (65 - 70)) / 2)
     assert m["forgetting"] == pytest.approx(((85 - 50) + (70 - 65)) / 2)
     assert m["FWT"] == pytest.approx(((25 - 20) + (40 - 30)) / 2)
+    assert tuple(m) == METRICS  # the one list of metric names (report, export, bench) names what is computed
 
 
 def test_joint_training_has_no_backward_or_forward_transfer():

@@ -1,4 +1,5 @@
-"""Scorers: lenient normalisation, answer extraction, caption metrics against pycocoevalcap, id alignment."""
+"""Scorers: lenient normalisation, answer extraction, caption metrics against pycocoevalcap, id alignment, option
+validation and the registry."""
 
 import shutil
 
@@ -7,19 +8,13 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
+from mcit.data.cards import SCORERS
+from mcit.data.synthcit_scenes import parse_scene
 from mcit.errors import EvalError
-from mcit.evaluation.scorers import (
-    Normalizer,
-    align_by_id,
-    box_iou,
-    extract_letter,
-    extract_yesno,
-    find_numbers,
-    get_scorer,
-    parse_box,
-    scorer_names,
-    tokenize_caption,
-)
+from mcit.evaluation import get_scorer as get_scorer_from_package
+from mcit.evaluation.extract import extract_letter, extract_yesno, find_numbers, parse_box
+from mcit.evaluation.normalize import Normalizer, tokenize_caption
+from mcit.evaluation.scorers import align_by_id, box_iou, get_scorer, scorer_names
 
 CHOICES = {"choices": ["square", "circle", "star", "heart"]}
 
@@ -68,6 +63,11 @@ def test_normaliser_options_switch_each_leniency_off():
     assert get_scorer("exact_match", lowercase=False)(["Circle"], ["circle"]).per_sample == [0.0]
     assert get_scorer("exact_match", number_words=False)(["three"], ["3"]).per_sample == [0.0]
     assert get_scorer("exact_match", normalizer={"drop_articles": False})(["a circle"], ["circle"]).per_sample == [0.0]
+    # an option given beside the normalizer wins over the same option inside it
+    assert get_scorer("exact_match", normalizer={"lowercase": True}, lowercase=False)(["Circle"], ["circle"]).per_sample \
+        == [0.0]
+    assert get_scorer("exact_match", normalizer="strict", lowercase=True)(["Circle."], ["circle."]).per_sample == [1.0]
+    assert get_scorer("exact_match", normalizer="strict", lowercase=True)(["Circle"], ["circle."]).per_sample == [0.0]
     strict = Normalizer.strict()
     assert strict("  Circle.  ") == "Circle."
 
@@ -75,11 +75,22 @@ def test_normaliser_options_switch_each_leniency_off():
 def test_unknown_scorer_and_options_name_the_valid_ones():
     with pytest.raises(EvalError, match="valid scorers: caption, caption_mean, contains"):
         get_scorer("bleu")
-    with pytest.raises(EvalError, match=r"unknown option\(s\) \['threshhold'\].*threshold"):
+    with pytest.raises(EvalError, match=r"scorer 'iou': threshhold: unknown key; did you mean 'threshold'\?; "
+                                        r"valid keys: threshold$"):
         get_scorer("iou", threshhold=0.7)
-    with pytest.raises(EvalError, match="drop_article"):
+    with pytest.raises(EvalError, match=r"scorer 'exact_match': normalizer\.drop_article: unknown key; did you mean "
+                                        r"'drop_articles'"):
         get_scorer("exact_match", normalizer={"drop_article": False})
-    assert set(scorer_names()) >= {"exact_match", "mc_letter", "numeric", "yesno", "contains", "caption", "iou"}
+    with pytest.raises(EvalError, match=r"lowercas: unknown key; did you mean 'lowercase'\?; valid keys: normalizer, "
+                                        r"lowercase, .*collapse_whitespace"):
+        get_scorer("exact_match", lowercas=False)
+    with pytest.raises(EvalError, match="normalizer must be a Normalizer, a dict of its options or 'strict', got 3"):
+        get_scorer("exact_match", normalizer=3)
+
+
+def test_every_name_a_card_may_use_is_registered_and_nothing_else():
+    assert scorer_names() == sorted(SCORERS)
+    assert get_scorer_from_package is get_scorer
 
 
 def test_length_mismatch_and_non_string_predictions_are_errors():
@@ -326,8 +337,6 @@ def test_align_by_id_lists_missing_and_extra_ids():
 
 
 def test_scene_attributes_scores_each_attribute_the_count_and_the_word():
-    from mcit.evaluation.scorers import get_scorer, parse_scene
-
     ref = "scene: two objects; small red circle at top left; large blue square at center; text pen"
     assert parse_scene(ref) == ({"top left": ("small", "red", "circle"), "center": ("large", "blue", "square")},
                                 "pen", "two")
@@ -342,10 +351,32 @@ def test_scene_attributes_scores_each_attribute_the_count_and_the_word():
     assert scorer.score_aligned([extra], [ref], [{}]).per_sample == pytest.approx([7 / 9])
 
 
-@pytest.mark.parametrize("name, options, key", [("caption", {"meteor": "first"}, "meteor"),
-                                                ("iou", {"threshold": True}, "threshold"),
-                                                ("exact_match", {"lowercase": 1}, "lowercase"),
-                                                ("exact_match", {"normalizer": {"drop_articles": "no"}}, "drop_articles")])
-def test_an_option_of_the_wrong_type_is_refused_by_name(name, options, key):
-    with pytest.raises(EvalError, match=f"option '{key}' must be"):
+@pytest.mark.parametrize(("name", "options", "key", "expected"), [
+    ("caption", {"meteor": "first"}, "meteor", r"boolean, got str \('first'\)"),
+    ("iou", {"threshold": True}, "threshold", r"number, got bool \(True\)"),
+    ("numeric", {"pick": 1}, "pick", r"string, got int \(1\)"),
+    ("exact_match", {"lowercase": 1}, "normalizer.lowercase", r"boolean, got int \(1\)"),
+    ("exact_match", {"normalizer": {"drop_articles": "no"}}, "normalizer.drop_articles", r"boolean, got str \('no'\)"),
+])
+def test_an_option_of_the_wrong_type_is_refused_by_name(name, options, key, expected):
+    with pytest.raises(EvalError, match=rf"^scorer '{name}': {key}: expected {expected}$"):
         get_scorer(name, **options)
+
+
+def test_an_integer_is_accepted_where_a_number_is_expected():
+    assert get_scorer("iou", threshold=1)(["[0, 0, 1, 1]"], ["[0, 0, 1, 1]"]).per_sample == [1.0]
+    assert get_scorer("numeric", abs_tol=1)(["3.5"], ["3"]).per_sample == [1.0]
+
+
+NOT_TEXT = [None, 3, 2.5, True, b"yes", ["yes"], {"answer": "yes"}]
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+@pytest.mark.parametrize("bad", NOT_TEXT, ids=lambda v: type(v).__name__)
+def test_scorers_refuse_non_text(name, bad):
+    scorer = get_scorer(name)
+    kind = type(bad).__name__
+    with pytest.raises(EvalError, match=rf"^{scorer.name}: prediction at index 1 is {kind}, expected str$"):
+        scorer(["yes", bad, "no"], ["yes", "no", "no"])
+    with pytest.raises(EvalError, match=rf"^{scorer.name}: reference at index 2 is {kind}, expected str$"):
+        scorer(["yes", "no", "no"], ["yes", "no", bad])

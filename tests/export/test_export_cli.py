@@ -24,13 +24,14 @@ from huggingface_hub import constants
 from PIL import Image
 from safetensors.torch import load_file
 
+from mcit.cli.export import add_arguments
 from mcit.config import recipe_from_dict, save_recipe
 from mcit.errors import CheckpointError, McitError
 from mcit.evaluation.metrics import continual_metrics
-from mcit.export.cli import add_arguments
-from mcit.methods.base import RunContext, TaskData, add_lora, build_method
+from mcit.methods.base import RunContext, TaskData, build_method
+from mcit.methods.lora import add_lora
 from mcit.models.loading import load_base
-from mcit.train.checkpoint import CheckpointWriter
+from mcit.runs.checkpoint import CheckpointWriter
 
 from .fake_hub import FakeHub
 
@@ -94,7 +95,7 @@ def new_run(tmp_path_factory, name: str, adapters: tuple[str, ...] = (), method:
         for adapter in adapters:
             model = add_lora(model, recipe, adapter)
     else:
-        model = method.setup(model, RunContext(processor=processor, recipe=recipe, data=TaskData([], {}, {})))
+        model = method.attach(model, RunContext(processor=processor, recipe=recipe, data=TaskData([], {}, {})))
     return run_dir, recipe, method, model.eval(), processor
 
 
@@ -224,10 +225,10 @@ def test_cli_export_and_push_in_a_fresh_process_matches_the_in_run_model(lora_ru
 
 
 def test_exported_adapter_matches_mcits_own_stage_loader(lora_run, tmp_path):
-    standalone = pytest.importorskip("mcit.evaluation.standalone")
+    from mcit.workflows.load import load_checkpoint
     out = tmp_path / "export"
     export(lora_run.run, "--out", out)
-    model, processor, _, _ = standalone.load_for_eval(str(lora_run.run / "checkpoints" / "stage-02-mc-color"), None)
+    model, processor, _, _ = load_checkpoint(str(lora_run.run / "checkpoints" / "stage-02-mc-color"))
     inputs = model_inputs(processor)
     torch.testing.assert_close(logits(load_adapter_plainly(out), inputs), logits(model.eval(), inputs),
                                rtol=0, atol=1e-5)

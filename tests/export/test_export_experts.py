@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from mcit.config import load_recipe
-from mcit.train.runner import ContinualRunner
-from tests.conftest import write_recipe
+from mcit.workflows.train import ContinualRunner
+from tests.recipes import write_recipe
 
 pytestmark = pytest.mark.slow
 

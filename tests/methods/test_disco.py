@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from mcit.config import load_recipe, recipe_from_dict
 from mcit.errors import RecipeError
 from mcit.methods.base import build_method
-from mcit.train.runner import ContinualRunner
-from tests.conftest import write_recipe
-from tests.methods.test_experts import TASKS, adapter_tensors, batch_of, build, train_stage
+from mcit.workflows.train import ContinualRunner
+from tests.recipes import write_recipe
+from tests.methods.harness import TASKS, adapter_tensors, batch_of, build, train_stage
 
 
 def test_distinct_tasks_get_their_own_frozen_slots(synthcit_root):

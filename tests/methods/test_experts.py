@@ -6,58 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcit.config import recipe_from_dict
-from mcit.data.collate import Encoder, PixelCache, collate
-from mcit.methods.base import RunContext, build_method
-from mcit.methods.experts import ExpertBank, fused_factors, lora_layers, stacked_factors
-from mcit.models.loading import load_base
-from mcit.train.runner import load_data, prepare_card
-
-TASKS = ["shape", "mc-color", "caption"]
-
-
-def build(root, name: str = "hide", tasks=TASKS, r: int = 4, **options):
-    """(model, method, ctx) for `name` over the small SynthCIT, set up as the runner would."""
-    recipe = recipe_from_dict({
-        "output_dir": "unused", "seed": 0, "model": {"name_or_path": "builtin:tiny-llava", "autocast": None},
-        "benchmark": {"card": "synthcit", "root": str(root), "tasks": list(tasks), "max_train": 24, "max_test": 6},
-        "method": {"name": name, "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0}, **options},
-        "train": {"max_length": 160}})
-    data = load_data(prepare_card(recipe), recipe, lambda _r: None)
-    model, processor = load_base(recipe.model)
-    encoder, pixels = Encoder(processor, 160), PixelCache(processor)
-
-    def encode(samples):
-        for k in range(0, len(samples), 8):
-            yield collate([encoder.encode(s) for s in samples[k:k + 8]], encoder.tokenizer.pad_token_id, pixels)
-
-    ctx = RunContext(processor=processor, recipe=recipe, data=data, encode=encode)
-    method = build_method(recipe)
-    torch.manual_seed(1)
-    return method.setup(model, ctx), method, ctx
-
-
-def train_stage(model, method, ctx, stage: int, steps: int = 2, lr: float = 5e-2) -> None:
-    """prepare + before_task + a few AdamW steps on the stage's samples + after_task, like the runner."""
-    method.prepare(model, stage, [stage])
-    method.before_task(model, stage, [stage], ctx.data)
-    optimizer = torch.optim.AdamW([{**g, "lr": lr} for g in method.param_groups(model)])
-    samples = method.train_samples(stage, [stage], ctx.data)
-    model.train()
-    for _, batch in zip(range(steps), ctx.encode(samples)):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    method.after_task(model, stage, [stage], ctx.data)
-
-
-def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if f".{name}." in k}
-
-
-def batch_of(ctx, samples) -> dict:
-    return next(iter(ctx.encode(samples)))
+from mcit.methods.experts import ExpertBank, fused_factors, stacked_factors
+from mcit.methods.lora import lora_layers
+from tests.methods.harness import batch_of, build, train_stage
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from mcit.analysis.cka import CKAResult
 from mcit.config import load_recipe, recipe_from_dict
 from mcit.errors import RecipeError
 from mcit.methods.base import build_method
-from mcit.methods.experts import lora_layers
-from mcit.train.runner import ContinualRunner
-from tests.conftest import write_recipe
-from tests.methods.test_experts import adapter_tensors, batch_of, build, train_stage
+from mcit.methods.lora import lora_layers
+from mcit.workflows.train import ContinualRunner
+from tests.recipes import write_recipe
+from tests.methods.harness import adapter_tensors, batch_of, build, train_stage
 
 
 def test_each_task_trains_only_its_expert_at_flat_cost(synthcit_root):
@@ -24,7 +24,7 @@ def test_each_task_trains_only_its_expert_at_flat_cost(synthcit_root):
     sizes, snapshots = [], []
     for stage in range(3):
         train_stage(model, hide, ctx, stage)
-        in_optimizer = {id(p) for g in hide.param_groups(model) for p in g["params"]}
+        in_optimizer = {id(p) for g in hide.param_groups(model, hide.recipe.train) for p in g["params"]}
         named = dict(model.named_parameters())
         sizes.append(sum(named[n].numel() for n in named if id(named[n]) in in_optimizer))
         assert all(f".expert{stage}." in n for n in named if id(named[n]) in in_optimizer)

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from mcit.config import load_recipe, recipe_from_dict
 from mcit.errors import RecipeError
 from mcit.methods.base import build_method
-from mcit.methods.experts import lora_layers
-from mcit.train.runner import ContinualRunner
-from tests.conftest import write_recipe
-from tests.methods.test_experts import build, train_stage
+from mcit.methods.lora import lora_layers
+from mcit.workflows.train import ContinualRunner
+from tests.recipes import write_recipe
+from tests.methods.harness import build, train_stage
 
 
 def test_layer_output_is_the_gated_sum_of_rank_r_over_e_experts(synthcit_root):
@@ -41,7 +41,7 @@ def test_all_experts_and_gates_train_on_every_task(synthcit_root):
     train_stage(model, moe, ctx, 0)
     before = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k or "mcit_moe_gate" in k}
     train_stage(model, moe, ctx, 1)
-    in_optimizer = {id(p) for g in moe.param_groups(model) for p in g["params"]}
+    in_optimizer = {id(p) for g in moe.param_groups(model, moe.recipe.train) for p in g["params"]}
     named = dict(model.named_parameters())
     assert all(id(named[k]) in in_optimizer for k in before)
     changed = [k for k, v in before.items() if not torch.equal(v, named[k])]

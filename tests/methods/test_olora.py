@@ -12,7 +12,7 @@ from mcit.errors import RecipeError
 from mcit.methods.base import build_method
 from mcit.methods.olora import orthogonality_loss
 from mcit.models.loading import load_base
-from tests.conftest import write_recipe
+from tests.recipes import write_recipe
 
 
 def _recipe(**method):
@@ -24,7 +24,7 @@ def _model_and_method(**method):
     recipe = _recipe(**method)
     olora = build_method(recipe)
     model, _ = load_base(recipe.model)
-    return olora.setup(model, None), olora
+    return olora.attach(model, None), olora
 
 
 def _batch(seed: int = 0) -> dict:
@@ -34,7 +34,7 @@ def _batch(seed: int = 0) -> dict:
 
 def _train(model, method, steps: int = 3, lr: float = 1e-2) -> None:
     """A few optimizer steps the way the loop takes them: CE + extra_loss, AdamW over param_groups."""
-    groups = method.param_groups(model)
+    groups = method.param_groups(model, method.recipe.train)
     optimizer = torch.optim.AdamW([{**g, "lr": lr} for g in groups])
     model.train()
     for step in range(steps):
@@ -68,7 +68,7 @@ def test_only_the_newest_adapter_trains_and_earlier_ones_stay_unchanged():
     olora.prepare(model, 1, [1])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".task1." in n for n in trainable)
-    in_groups = {id(p) for g in olora.param_groups(model) for p in g["params"]}
+    in_groups = {id(p) for g in olora.param_groups(model, olora.recipe.train) for p in g["params"]}
     assert all(id(p) not in in_groups for n, p in model.named_parameters() if ".task0." in n)  # no optimizer state
     assert list(model.base_model.active_adapters) == ["task0", "task1"]  # both summed in the forward pass
     extra = olora.extra_loss(model, {}, None)
@@ -83,7 +83,7 @@ def test_orthogonality_loss_decreases_when_trained_on_alone():
     model, olora = _model_and_method(lambda_orth=1.0)
     olora.prepare(model, 0, [0])
     olora.prepare(model, 1, [1])
-    optimizer = torch.optim.Adam([p for g in olora.param_groups(model) for p in g["params"]], lr=0.01)
+    optimizer = torch.optim.Adam([p for g in olora.param_groups(model, olora.recipe.train) for p in g["params"]], lr=0.01)
     first = float(olora.extra_loss(model, {}, None).detach())
     for _ in range(30):
         loss = olora.extra_loss(model, {}, None)
@@ -136,7 +136,7 @@ def test_runner_keeps_the_first_adapter_of_a_finished_stage(tmp_path, synthcit_r
     from safetensors.torch import load_file
 
     from mcit.config import load_recipe
-    from mcit.train.runner import ContinualRunner
+    from mcit.workflows.train import ContinualRunner
 
     path = write_recipe(tmp_path / "r.yaml", synthcit_root, method={"name": "olora", "lora": {"r": 4, "alpha": 8}},
                         benchmark={"max_train": 32, "max_test": 8}, eval={"constrained": False})

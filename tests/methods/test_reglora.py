@@ -13,7 +13,7 @@ from mcit.errors import RecipeError
 from mcit.methods.base import build_method
 from mcit.methods.reglora import key_penalty, keyed_product, top_key_positions, union_keys
 from mcit.models.loading import load_base
-from tests.conftest import write_recipe
+from tests.recipes import write_recipe
 
 
 def _recipe(**method):
@@ -25,7 +25,7 @@ def _model_and_method(**method):
     recipe = _recipe(**method)
     reg = build_method(recipe)
     model, _ = load_base(recipe.model)
-    model = reg.setup(model, None)
+    model = reg.attach(model, None)
     return model, reg
 
 
@@ -175,7 +175,7 @@ def test_options_are_validated_and_sefe_requires_asd():
 @pytest.mark.slow
 def test_runner_trains_two_tasks_and_stores_keys_compactly(tmp_path, synthcit_root):
     from mcit.config import load_recipe
-    from mcit.train.runner import ContinualRunner
+    from mcit.workflows.train import ContinualRunner
 
     path = write_recipe(tmp_path / "r.yaml", synthcit_root, method={"name": "reglora", "lora": {"r": 4, "alpha": 8},
                                                                     "reg_lambda": 100.0},

@@ -15,8 +15,9 @@ from mcit.errors import RecipeError
 from mcit.evaluation.generate import candidate_logprobs
 from mcit.methods.base import build_method
 from mcit.models.loading import resolve_path
-from mcit.routing.prototypes import FeatureExtractor, RouterOptions, SampleFeatures, TaskPrototypes, routing_weights
-from tests.methods.test_experts import TASKS, batch_of, build, train_stage
+from mcit.routing.features import FeatureExtractor
+from mcit.routing.prototypes import RouterOptions, SampleFeatures, TaskPrototypes, routing_weights
+from tests.methods.harness import TASKS, batch_of, build, train_stage
 
 
 def _features(n: int, seed: int, dim: int = 6, images: bool = True) -> SampleFeatures:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_recipe
+from tests.recipes import write_recipe
 
 # A made-up token with the shape of a real one: every reliability run carries it in its environment, and
 # test_secrets.py greps everything those runs wrote for it.

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mcit.errors import CheckpointError
-from mcit.train import checkpoint as ckpt
+from mcit.runs import checkpoint as ckpt
 
 from .conftest import mcit, recipe_for, same_run
 

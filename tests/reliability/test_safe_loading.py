@@ -13,7 +13,7 @@ import torch
 
 from mcit.config import ModelConfig
 from mcit.errors import CheckpointError
-from mcit.train import checkpoint as ckpt
+from mcit.runs import checkpoint as ckpt
 
 from .conftest import mcit, recipe_for
 

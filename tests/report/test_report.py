@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mcit.errors import EvalError
-from mcit.report.report import write_report
+from mcit.report.render import write_report
 
 TASKS = ["shape", "mc-color", "count"]
 STAGES = ["zero-shot", "shape", "mc-color", "count"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mcit.train.loop import FrozenLinearCast
-from tests.methods.test_experts import batch_of, build
+from mcit.train.frozen_cast import FrozenLinearCast
+from tests.methods.harness import batch_of, build
 
 
 def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_recipe
+from tests.recipes import write_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from mcit.errors import McitError
 def _cmd_train(args: argparse.Namespace) -> int:
     from mcit.config import load_recipe
     from mcit.methods.base import build_method
-    from mcit.train.runner import ContinualRunner
+    from mcit.workflows.train import ContinualRunner
 
     recipe = load_recipe(args.recipe, args.overrides)
     build_method(recipe)  # method options are checked before anything heavy starts
@@ -41,7 +41,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mcit.evaluation.standalone import evaluate_checkpoint
+    from mcit.workflows.evaluate import evaluate_checkpoint
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     path = evaluate_checkpoint(args.checkpoint, args.benchmark, tasks=tasks, output_dir=args.output,
@@ -52,7 +52,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mcit.report.report import write_report
+    from mcit.report.render import write_report
 
     path = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
     print(f"report: {path}")
@@ -105,7 +105,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         cmd += ["--hostfile", args.hostfile]
     else:
         cmd += ["--num_gpus", str(args.nproc)]
-    cmd += ["--master_port", str(args.master_port), "--no_local_rank", "--module", "mcit.train", args.recipe,
+    cmd += ["--master_port", str(args.master_port), "--no_local_rank", "--module", "mcit", "train", args.recipe,
             *args.overrides]
     env = dict(os.environ)
     if args.cpu:
@@ -157,12 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="merge adapters, write a model card, push to the Hub")
-    from mcit.export.cli import add_arguments as add_export_arguments
+    from mcit.cli.export import add_arguments as add_export_arguments
 
     add_export_arguments(p)
 
     p = sub.add_parser("analyze", help="diagnostics: layer-wise CKA between tasks")
-    from mcit.analysis.cli import add_arguments as add_analyze_arguments
+    from mcit.cli.analyze import add_arguments as add_analyze_arguments
 
     add_analyze_arguments(p)
 

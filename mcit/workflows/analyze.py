@@ -20,73 +20,32 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mcit.analysis.cka import KINDS, CKAResult, choose_expand_layers, collect_layer_features, layerwise_cka, plot_cka
+from mcit.analysis.cka import CKAResult, choose_expand_layers, collect_layer_features, layerwise_cka, plot_cka
+from mcit.config import load_recipe, recipe_from_dict
+from mcit.data.collate import Encoder, PixelCache, collate
 from mcit.data.records import Sample
 from mcit.errors import EvalError
+from mcit.runs.folder import METHOD_META, RunFolder, parse_stage_folder
+from mcit.runtime.files import write_text_atomic
+from mcit.runtime.precision import autocast as autocast_for
+from mcit.workflows.load import load_checkpoint, prepare_card
 
 PROBE_SEED = 0
-_STAGE_FOLDER = re.compile(r"^stage-\d+-(.+)$")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `mcit analyze`; `mcit/cli.py` builds the `analyze` subparser and calls `args.func(args)`."""
-    sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
-    p = sub.add_parser("cka", help="layer-wise CKA between task models on a shared probe set", description=(
-        "Run every checkpoint on the same probe samples, average each language-model layer's MLP down_proj output "
-        "over tokens, and compare the models layer by layer with CKA. The least similar layers are the ones "
-        "worth making task-specific (HiDe-LLaVA's expand layers)."))
-    p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
-                   help="two or more task models: stage folders, PEFT adapter folders, model dirs or ids")
-    p.add_argument("--benchmark", required=True, help="data card name or path (the probe samples come from it)")
-    p.add_argument("--tasks", help="comma-separated tasks of the card to draw probe samples from (default: all)")
-    p.add_argument("--root", help="override the card's data root")
-    p.add_argument("--samples", type=int, default=50, help="test samples per task in the probe set (default 50)")
-    p.add_argument("--kind", choices=KINDS, default="rbf", help="CKA kernel (default rbf, median bandwidth)")
-    p.add_argument("--labels", help="comma-separated names for the checkpoints (default: stage task or folder name)")
-    p.add_argument("--out", help="output folder (default: <run>/analysis for a stage checkpoint, else ./analysis)")
-    choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--expand", type=int, default=None, metavar="N",
-                        help="report the N least similar layers as expand layers (default 1)")
-    choice.add_argument("--threshold", type=float, default=None,
-                        help="report every layer whose mean cross-task CKA is below this value instead")
-    p.add_argument("--recipe", help="recipe for adapters/bare models (model settings); stage folders use their run's")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512, help="token limit of a probe sample (same for all models)")
-    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
-                   help="compute dtype of the forward passes (default none: fp32, the most exact)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:i]")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if getattr(args, "analysis", None) != "cka":
-        raise EvalError(f"mcit analyze: unknown analysis {getattr(args, 'analysis', None)!r}; available: cka")
-    return run_cka(args)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pieces
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def is_stage_folder(path: Path) -> bool:
-    return (path / "method.json").is_file()
 
 
 def checkpoint_label(checkpoint: str) -> str:
     """`stage-03-count` -> `count`; a folder -> its name; `builtin:tiny-llava` or `org/model` -> the last part."""
     path = Path(checkpoint).expanduser()
     name = path.name or checkpoint
-    match = _STAGE_FOLDER.match(name)
-    if match and is_stage_folder(path):
-        return match.group(1)
+    parsed = parse_stage_folder(path)
+    if parsed and (path / METHOD_META).is_file():
+        return parsed[1]
     return name.split(":")[-1]
 
 
@@ -103,16 +62,13 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
 def default_out_dir(checkpoint: str) -> Path:
     """`RUN/analysis` when the first checkpoint is a stage folder `RUN/checkpoints/stage-XX-*`, else `./analysis`."""
     path = Path(checkpoint).expanduser()
-    if is_stage_folder(path):
-        return path.parent.parent / "analysis"
+    if (path / METHOD_META).is_file():
+        return RunFolder.of_stage(path).analysis
     return Path("analysis")
 
 
 def load_probe_samples(benchmark: str, tasks: list[str] | None, samples: int, root: str | None):
     """(card, probe samples): `samples` test samples of each task, the same subset on every call."""
-    from mcit.config import recipe_from_dict
-    from mcit.train.runner import prepare_card
-
     if samples < 1:
         raise EvalError(f"--samples must be at least 1, got {samples}")
     recipe = recipe_from_dict({"output_dir": ".", "seed": PROBE_SEED, "benchmark": {"card": benchmark}})
@@ -131,8 +87,6 @@ def load_probe_samples(benchmark: str, tasks: list[str] | None, samples: int, ro
 
 def _batches(samples: Sequence[Sample], indices: Sequence[int], encoder, pixels, pad_id: int,
              batch_size: int) -> Iterator[dict[str, Any]]:
-    from mcit.data.collate import collate
-
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         batch = collate([encoder.encode(samples[i], i) for i in chunk], pad_id, pixels)
@@ -147,9 +101,6 @@ def probe_features(model, processor, method, samples: Sequence[Sample], *, batch
     Samples go through the method's evaluation groups, so a routing method runs each sample with the expert it would
     use at inference; rows are put back in probe order afterwards.
     """
-    from mcit.data.collate import Encoder, PixelCache
-    from mcit.train.loop import autocast_context
-
     encoder = Encoder(processor, max_length)
     pixels = PixelCache(processor)
     pad_id = processor.tokenizer.pad_token_id
@@ -159,7 +110,7 @@ def probe_features(model, processor, method, samples: Sequence[Sample], *, batch
     for context, indices in method.eval_groups(model, samples):
         if not indices:
             continue
-        with context, autocast_context(autocast, device):
+        with context, autocast_for(autocast, device):
             group = collect_layer_features(model, _batches(samples, indices, encoder, pixels, pad_id, batch_size))
         rows = torch.tensor(list(indices))
         for layer, matrix in group.items():
@@ -185,15 +136,8 @@ def format_table(result: CKAResult, expand: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def run_cka(args: argparse.Namespace) -> int:
-    from mcit.config import load_recipe
-    from mcit.evaluation.standalone import load_for_eval
-
+    """`mcit analyze cka` with the parsed arguments of mcit.cli.analyze."""
     checkpoints = list(args.checkpoints)
     if len(checkpoints) < 2:
         raise EvalError(f"--checkpoints: CKA compares task models, give at least 2 (got {len(checkpoints)})")
@@ -214,9 +158,9 @@ def run_cka(args: argparse.Namespace) -> int:
 
     features: dict[str, dict[int, torch.Tensor]] = {}
     for label, checkpoint in zip(labels, checkpoints):
-        # A fresh recipe per checkpoint: load_for_eval edits the recipe it is given.
+        # A fresh recipe per checkpoint: load_checkpoint edits the recipe it is given.
         recipe = load_recipe(args.recipe, settings_only=True) if args.recipe else None
-        model, processor, method, _ = load_for_eval(checkpoint, recipe)
+        model, processor, method, _ = load_checkpoint(checkpoint, recipe)
         if getattr(model, "hf_quantizer", None) is None:
             model.to(device)
         print(f"{label}: {checkpoint}", flush=True)
@@ -233,7 +177,7 @@ def run_cka(args: argparse.Namespace) -> int:
     else:
         expand = choose_expand_layers(result, count=args.expand if args.expand is not None else 1)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cka.json").write_text(result.to_json(), encoding="utf-8")
+    write_text_atomic(out / "cka.json", result.to_json())
     plots = plot_cka(result, out)
     provenance = {
         "checkpoints": [str(c) for c in checkpoints], "labels": labels, "benchmark": card.name,
@@ -243,7 +187,7 @@ def run_cka(args: argparse.Namespace) -> int:
         "expand_rule": {"threshold": args.threshold} if args.threshold is not None else
         {"count": args.expand if args.expand is not None else 1},
     }
-    (out / "probe.json").write_text(json.dumps(provenance, indent=1), encoding="utf-8")
+    write_text_atomic(out / "probe.json", json.dumps(provenance, indent=1))
 
     print(f"{result.kind} CKA over {result.n_samples} probe samples ({len(card.tasks)} tasks of {card.name}), "
           f"{len(labels)} models: {', '.join(labels)}")

@@ -1,12 +1,7 @@
-"""Multi-process training with DeepSpeed ZeRO: process group, config, engine, and ZeRO-3 parameter access.
-
-The training loop calls only this module for anything distributed, so the same loop runs as one plain process, under
-`deepspeed --num_gpus N` on GPUs (NCCL), and under the same launcher on CPU with gloo (see docs/DISTRIBUTED.md).
+"""DeepSpeed for training: the config filled from the recipe, the HF integration context, the engine, and the guard
+that keeps every rank running the vision tower.
 
 Why the pieces exist:
-- ZeRO-3 shards every parameter, so a parameter read outside a forward pass sees an empty tensor.
-  `gathered_parameters`, `state_dict_for_saving` and `load_parameters` gather around such reads and writes
-  (adapter saving, loading a previous task's adapter, merging LoRA into base weights).
 - A model built under ZeRO-3 must be created inside `deepspeed.zero.Init`, or every rank first holds the whole
   model. transformers does that for `from_pretrained` and `Model._from_config(config)` while an `HfDeepSpeedConfig`
   is alive (`hf_deepspeed_context`); a direct `Model(config)` call does NOT, and is then only sharded later by
@@ -14,7 +9,6 @@ Why the pieces exist:
 - ZeRO all-gathers each layer's shards when the layer runs, so every rank must run the same modules in the same
   order. A micro-batch without images skips the vision tower and deadlocks the job; `ensure_vision_forward` appends
   an inert dummy image so that every rank always runs it.
-- A rank that raises must end the job rather than leave its peers waiting in a collective: `exit_on_error`.
 """
 
 from __future__ import annotations
@@ -22,158 +16,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import sys
-import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import timedelta
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mcit.errors import CheckpointError, RecipeError
-
-# Variables the deepspeed launcher (and torchrun) set for every process it starts.
-_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
-
-# Gathering a whole model at once would need its full size on every rank; gather in pieces of this many elements.
-_GATHER_CHUNK_NUMEL = 1 << 26
-
-ParamFilter = Callable[[str, torch.nn.Parameter], bool]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Process group
-
-
-def _launched() -> bool:
-    return all(key in os.environ for key in _LAUNCHER_ENV)
-
-
-def is_distributed() -> bool:
-    """True once a process group with more than one rank is up."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size() > 1
-
-
-def rank() -> int:
-    """Global rank: from the process group once it is up, else from the launcher's RANK, else 0."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
-def local_rank() -> int:
-    """Rank within this node (selects the GPU); the launcher's LOCAL_RANK, else 0."""
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def world_size() -> int:
-    """Number of ranks: from the process group once it is up, else from the launcher's WORLD_SIZE, else 1."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main() -> bool:
-    """Rank 0: the only rank that writes files, logs and results."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    """Wait for all ranks; a no-op in a single process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def mean_across_ranks(value: float) -> float:
-    """The mean of a Python number over all ranks (collective; the value itself when not distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return float(tensor.item()) / torch.distributed.get_world_size()
-
-
-def _timeout() -> timedelta:
-    # One knob for how long a rank waits in a collective before giving up: DeepSpeed's DEEPSPEED_TIMEOUT (minutes),
-    # overridable in seconds by MCIT_DIST_TIMEOUT_S (tests use a short one).
-    if "MCIT_DIST_TIMEOUT_S" in os.environ:
-        return timedelta(seconds=float(os.environ["MCIT_DIST_TIMEOUT_S"]))
-    return timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", 10)))
-
-
-def init_distributed() -> bool:
-    """Join the process group the launcher described; return whether this process is part of one.
-
-    A plain `python -m mcit.train` (no RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK) is a no-op and returns
-    False. Under `deepspeed` or `torchrun` the group uses NCCL on CUDA and gloo on CPU (set DS_ACCELERATOR=cpu to
-    force CPU). Waiting in a collective gives up after DEEPSPEED_TIMEOUT minutes (default 10) or MCIT_DIST_TIMEOUT_S
-    seconds. Calling it twice is harmless.
-    """
-    if not _launched():
-        return False
-    if torch.distributed.is_initialized():
-        return True
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    # DeepSpeed's accelerator (DS_ACCELERATOR, else detected) decides, so that a CPU run on a GPU host stays on CPU.
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        _prepare_cpu_ranks()
-        backend = "gloo"  # DeepSpeed would pick oneCCL when its bindings are installed; gloo needs nothing
-    else:
-        accelerator.set_device(local_rank())
-        backend = accelerator.communication_backend_name()  # nccl on CUDA
-    deepspeed.init_distributed(dist_backend=backend, timeout=_timeout(), verbose=False)
-    return True
-
-
-def _prepare_cpu_ranks() -> None:
-    import deepspeed.ops
-
-    # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce at process-group creation (~40 s with gcc on first
-    # use, cached under ~/.cache/torch_extensions). Only tensor-parallel inference uses it, never ZeRO training, so
-    # skip it unless asked for. Editing this dict is how DeepSpeed itself caches the probe.
-    if os.environ.get("MCIT_DS_SHM_COMM", "0") != "1":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # Every rank would otherwise start one thread per core and the ranks would fight over the same cores.
-    if "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-
-
-@contextlib.contextmanager
-def exit_on_error() -> Iterator[None]:
-    """End this process at once, with exit status 1, when the body raises; wrap the whole entrypoint in it.
-
-    A rank that raises while its peers wait in a collective would otherwise leave them hanging until the process
-    group timeout. The deepspeed launcher (and torchrun) kill every rank as soon as one exits non-zero, so exiting
-    promptly is enough; `os._exit` skips interpreter teardown, which can itself block on the process group.
-    Outside a launched job the exception propagates unchanged.
-    """
-    try:
-        yield
-    except SystemExit as stop:
-        if not _launched() or stop.code in (None, 0):
-            raise
-        _die(f"exited with {stop.code!r}", stop.code if isinstance(stop.code, int) else 1)
-    except BaseException:  # any failure on one rank, KeyboardInterrupt included, must end the whole job
-        if not _launched():
-            raise
-        _die(traceback.format_exc(), 1)
-
-
-def _die(message: str, code: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.write(f"[mcit rank {rank()}/{world_size()}] fatal error, ending the job:\n{message}\n")
-    sys.stderr.flush()
-    os._exit(code)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# DeepSpeed config
+from mcit.errors import RecipeError
+from mcit.runtime.dist import world_size
+from mcit.runtime.zero import is_sharded
+from mcit.train.schedule import cosine_lambda
 
 
 def _node(config: dict, dotted: str) -> tuple[dict | None, str]:
@@ -312,14 +164,10 @@ def hf_deepspeed_context(ds_config: dict | None) -> Iterator[Any]:
         del hf_config
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Engine
-
+# --- engine --------------------------------------------------------------------------------------------------------
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, num_training_steps: int) -> Any:
     """Linear warmup then cosine decay to 0, counted in optimizer steps; the very factor a single-process run uses."""
-    from mcit.train.loop import cosine_lambda
-
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(warmup_steps, max(1, num_training_steps)))
 
 
@@ -402,96 +250,6 @@ def config_true(ds_config: Mapping, section: str) -> bool:
     return bool((ds_config.get(section) or {}).get("enabled", False))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# ZeRO-3 parameter access
-
-
-def is_sharded(param: torch.Tensor) -> bool:
-    """True for a parameter ZeRO-3 has partitioned (its `.data` is then a placeholder)."""
-    return hasattr(param, "ds_id")
-
-
-def full_shape(param: torch.Tensor) -> torch.Size:
-    """The real shape of a parameter, sharded or not."""
-    return param.ds_shape if is_sharded(param) else param.shape
-
-
-@contextlib.contextmanager
-def gathered_parameters(params: torch.Tensor | Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
-    """Make the full values of `params` visible inside the body; a no-op for parameters that are not sharded.
-
-    It is a collective under ZeRO-3: every rank must enter it with the same parameters in the same order. With
-    `modifier_rank=None` the values are read-only (changes are lost); with `modifier_rank=r` the values rank `r`
-    holds when the body ends are broadcast and re-sharded, which is how a loaded adapter or a merged weight is
-    written into a sharded model.
-    """
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    sharded = [p for p in params if is_sharded(p)]
-    if not sharded:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank):
-        yield
-
-
-def _chunks(items: list[tuple[str, torch.nn.Parameter]]) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
-    chunk: list[tuple[str, torch.nn.Parameter]] = []
-    size = 0
-    for name, param in items:
-        numel = full_shape(param).numel()
-        if chunk and size + numel > _GATHER_CHUNK_NUMEL:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append((name, param))
-        size += numel
-    if chunk:
-        yield chunk
-
-
-def state_dict_for_saving(model: torch.nn.Module, keys_filter: ParamFilter | None = None) -> dict[str, torch.Tensor]:
-    """Full-size CPU copies of the parameters `keys_filter(name, param)` selects (default: the trainable ones).
-
-    Names are those of `model.named_parameters()` (pass the unwrapped module, `engine.module`). Under ZeRO-3 the
-    tensors are gathered, so an adapter saved from them has its real shapes and loads with plain PEFT. Collective:
-    call it on every rank; every rank gets the result, and only `is_main()` should write it.
-    """
-    keep = keys_filter or (lambda _name, param: param.requires_grad)
-    selected = [(name, param) for name, param in model.named_parameters() if keep(name, param)]
-    out: dict[str, torch.Tensor] = {}
-    for chunk in _chunks(selected):
-        with gathered_parameters([p for _, p in chunk]):
-            for name, param in chunk:
-                out[name] = param.detach().to("cpu", copy=True).contiguous()
-    return out
-
-
-def load_parameters(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy `tensors` (names as in `model.named_parameters()`) into the model, sharded or not.
-
-    Collective under ZeRO-3: call it on every rank with the same names (rank 0's values are the ones kept).
-    Raises CheckpointError naming the first unknown name or mismatched shape before anything is written.
-    """
-    params = dict(model.named_parameters())
-    unknown = [name for name in tensors if name not in params]
-    if unknown:
-        raise CheckpointError(f"{len(unknown)} tensors match no parameter of the model, e.g. {unknown[0]!r}")
-    for name, value in tensors.items():
-        if tuple(value.shape) != tuple(full_shape(params[name])):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(value.shape)} but the model expects {tuple(full_shape(params[name]))}"
-            )
-    items = [(name, params[name]) for name in tensors]
-    for chunk in _chunks(items):
-        with gathered_parameters([p for _, p in chunk], modifier_rank=0), torch.no_grad():
-            for name, param in chunk:
-                param.data.copy_(tensors[name].to(param.device, param.dtype))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Guard: every rank runs the vision tower on every micro-batch
 
 
 def ensure_vision_forward(

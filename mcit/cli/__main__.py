@@ -1,0 +1,7 @@
+"""`python -m mcit.cli VERB ...`, the same as the `mcit` command."""
+
+import sys
+
+from mcit.cli import main
+
+sys.exit(main())

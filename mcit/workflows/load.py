@@ -1,0 +1,152 @@
+"""Build what a run or a checkpoint needs, in one place: the recipe's card and data, the base model under the run's
+DeepSpeed context, the method attached to it, and a model rebuilt from any checkpoint kind.
+
+Accepted checkpoints (`load_checkpoint`):
+- a run's stage folder (`RUN/checkpoints/stage-03-count`): the run's recipe rebuilds the model and the method
+  (adapters, routers, prototypes) exactly as the runner left it after that stage;
+- an expert-set export (`mcit export RUN --experts`): the same as the stage folder it was exported from;
+- a PEFT adapter folder (`adapter_config.json`): loaded onto its base model with plain PEFT;
+- a full model: an HF model id, a local `save_pretrained` folder, or `builtin:tiny-llava`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from mcit.config import Recipe, load_recipe, recipe_from_dict
+from mcit.data import synthcit
+from mcit.data.asd import diversify_with_stats
+from mcit.data.cards import DataCard, load_card
+from mcit.data.validate import filter_valid, validate_card
+from mcit.errors import CheckpointError, DataError
+from mcit.methods.base import Checkpoint, Method, RunContext, TaskData, build_method
+from mcit.models.loading import load_base
+from mcit.runs.folder import METHOD_META, RunFolder
+from mcit.runtime.seeding import seed_everything
+from mcit.train import deepspeed as ds
+from mcit.train.stages import load_stage, stage_meta
+
+ADAPTER_INIT_SEED = 1
+"""Offset of the seed set right before `setup`: adapter init must not depend on what ran before (resume = same
+numbers)."""
+
+
+def prepare_card(recipe: Recipe) -> DataCard:
+    """The recipe's data card with its `benchmark:` and `eval:` limits applied (SynthCIT is built on first use)."""
+    card = load_card(recipe.benchmark.card)
+    if recipe.benchmark.root:
+        card.root = recipe.benchmark.root
+    if recipe.benchmark.tasks:
+        for name in recipe.benchmark.tasks:
+            card.task(name)  # raises with a suggestion for an unknown task
+        card = dataclasses.replace(card, tasks=[card.task(n) for n in recipe.benchmark.tasks])
+    for task in card.tasks:
+        if recipe.benchmark.max_train:
+            task.max_train = min(task.max_train or recipe.benchmark.max_train, recipe.benchmark.max_train)
+        if recipe.benchmark.max_test:
+            task.max_test = min(task.max_test or recipe.benchmark.max_test, recipe.benchmark.max_test)
+        if recipe.eval.max_test:
+            task.max_test = min(task.max_test or recipe.eval.max_test, recipe.eval.max_test)
+    if card.generator == "synthcit":
+        synthcit.ensure_built(card.root_dir)
+    return card
+
+
+def load_task_data(card: DataCard, recipe: Recipe, log) -> TaskData:
+    """Validated training and test samples of every task (ASD applied to training samples when the recipe asks)."""
+    report = validate_card(card)
+    skipped = 0
+    if not report.ok and not recipe.benchmark.skip_invalid:
+        raise DataError(f"data card {card.name!r} has problems; fix them or set benchmark.skip_invalid=true to train "
+                        f"on the valid samples only:\n{report.format()}")
+    train, test = {}, {}
+    for task in card.tasks:
+        samples = card.load_task(task.name, "train", seed=recipe.seed, skip_malformed=recipe.benchmark.skip_invalid)
+        tests = card.load_task(task.name, "test", seed=recipe.seed, skip_malformed=recipe.benchmark.skip_invalid)
+        if not report.ok:
+            samples, n1 = filter_valid(samples, report)
+            tests, n2 = filter_valid(tests, report)
+            skipped += n1 + n2
+        if recipe.benchmark.asd.enabled:
+            samples, stats = diversify_with_stats(samples, recipe.benchmark.asd.fraction,
+                                                  styles=recipe.benchmark.asd.styles, seed=recipe.seed)
+            log({"event": "asd", "task": task.name, **dataclasses.asdict(stats)})
+        train[task.name], test[task.name] = samples, tests
+    if skipped:
+        log({"event": "skipped_invalid", "count": skipped})
+        print(f"[mcit] skipped {skipped} invalid samples (benchmark.skip_invalid=true)", file=sys.stderr)
+    return TaskData(card.task_names, train, test)
+
+
+def load_test_data(card: DataCard, recipe: Recipe) -> dict:
+    """Test samples of every task of `card`, validated as `mcit train` validates them (paths confined, bombs
+    refused)."""
+    report = validate_card(card, splits=("test",))
+    if not report.ok:
+        raise DataError(f"data card {card.name!r} has problems in its test splits:\n{report.format()}")
+    return {t.name: card.load_task(t.name, "test", seed=recipe.seed) for t in card.tasks}
+
+
+def build_model(recipe: Recipe, ds_config: dict | None = None):
+    """(model, processor) of the recipe's base model; under ZeRO-3 created already sharded (`ds_config`)."""
+    with ds.hf_deepspeed_context(ds_config):
+        return load_base(recipe.model)
+
+
+def attach_method(method: Method, model, processor, recipe: Recipe, data: TaskData, output_dir=None):
+    """`method.attach` with the run's context, after the seed every run and every rebuild use for adapter init."""
+    seed_everything(recipe.seed + ADAPTER_INIT_SEED)
+    return method.attach(model, RunContext(processor=processor, recipe=recipe, data=data, output_dir=output_dir))
+
+
+def rebuild_stage(folder: Path, recipe: Recipe):
+    """(model, processor, method) as the runner left them after the stage in `folder`: attach the method, prepare
+    every stage up to it, load the stage's tensors."""
+    stage = int(stage_meta(folder)["stage"]) - 1
+    method = build_method(recipe)
+    model, processor = load_base(recipe.model)
+    model = attach_method(method, model, processor, recipe, TaskData([], {}, {}))
+    try:
+        names = RunFolder.of_stage(folder).task_names()
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: the run's results.json (task order) is missing from "
+                              f"{RunFolder.of_stage(folder).root}") from None
+    for s, ids in enumerate(method.schedule(len(names))[:stage + 1]):
+        method.prepare(model, s, ids)
+    load_stage(model, method, folder)
+    return model, processor, method
+
+
+def exported_stage(path: Path) -> Path | None:
+    """The stage folder of an `mcit export --experts` folder (recipe.yaml + checkpoints/ with one stage), else None."""
+    run = RunFolder(path)
+    stages = list(run.stage_dirs().values()) if run.recipe.is_file() else []
+    return stages[-1] if len(stages) == 1 and (stages[0] / METHOD_META).is_file() else None
+
+
+def load_checkpoint(checkpoint: str, recipe: Recipe | None = None):
+    """(model, processor, method, recipe) for any accepted checkpoint kind (module docstring)."""
+    path = Path(checkpoint).expanduser()
+    path = exported_stage(path) or path
+    if (path / METHOD_META).is_file():
+        run_recipe = RunFolder.of_stage(path).recipe
+        if not run_recipe.is_file():
+            raise CheckpointError(f"{path}: stage checkpoint without its run's recipe.yaml at {run_recipe}")
+        recipe = load_recipe(run_recipe)
+        model, processor, method = rebuild_stage(path, recipe)
+        return model, processor, method, recipe
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        recipe = recipe or recipe_from_dict({"output_dir": str(path), "model": {"name_or_path": base}})
+        model, processor = load_base(recipe.model)
+        model = PeftModel.from_pretrained(model, str(path))
+        return model, processor, Checkpoint(recipe, None), recipe
+    recipe = recipe or recipe_from_dict({"output_dir": ".", "model": {"name_or_path": checkpoint}})
+    recipe.model.name_or_path = checkpoint
+    model, processor = load_base(recipe.model)
+    return model, processor, Checkpoint(recipe, None), recipe
