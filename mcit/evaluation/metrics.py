@@ -24,7 +24,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 from mcit.errors import EvalError
 
-METRICS = ("MFT", "MFN", "MAA", "BWT", "forgetting", "FWT")
+METRIC_MEANINGS = {
+    "MFT": "mean of each task's score right after training it",
+    "MFN": "mean score over all tasks after the last stage ('Last')",
+    "MAA": "mean over stages of the mean score on the tasks seen so far ('Avg')",
+    "BWT": "backward transfer: mean change from right-after-training to the end (negative = forgetting)",
+    "forgetting": "mean drop from a task's best earlier score to its final score",
+    "FWT": "forward transfer: score before training a task minus the zero-shot score",
+}
+"""Each continual metric in one line (model cards and reports); the definitions are in the module docstring."""
+METRICS = tuple(METRIC_MEANINGS)
 """The continual metrics `continual_metrics` returns, in table order: the one list report, export and bench read."""
 
 Matrix = Sequence[Sequence[float | None]]

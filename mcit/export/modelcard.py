@@ -30,6 +30,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from mcit.errors import McitError
+from mcit.evaluation.metrics import METRIC_MEANINGS
 
 TAGS = ["mcit", "continual-learning", "llava", "lora"]
 PIPELINE_TAG = "image-text-to-text"
@@ -38,14 +39,6 @@ ARTIFACTS = {
     "merged": "full model with the LoRA merged into the weights",
     "full": "full model (every language-model weight fine-tuned, no adapter)",
     "experts": "expert set (every task's LoRA expert with the router and method state, as trained)",
-}
-CONTINUAL_METRICS = {
-    "MFT": "mean of each task's score right after training it",
-    "MFN": "mean score over all tasks after the last stage ('Last')",
-    "MAA": "mean over stages of the mean score on the tasks seen so far ('Avg')",
-    "BWT": "backward transfer: mean change from right-after-training to the end (negative = forgetting)",
-    "forgetting": "mean drop from a task's best earlier score to its final score",
-    "FWT": "forward transfer: score before training a task minus the zero-shot score",
 }
 PATH_PLACEHOLDER = "<local-path>"
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -186,7 +179,7 @@ def _eval_results(info: dict[str, Any]) -> list[EvalResult]:
                 dataset_type=benchmark,
                 dataset_name=f"{benchmark} ({len(info['tasks'])} tasks, in sequence)",
                 metric_type=name,
-                metric_name=f"{name}: {CONTINUAL_METRICS.get(name, 'continual-learning metric')}",
+                metric_name=f"{name}: {METRIC_MEANINGS.get(name, 'continual-learning metric')}",
                 metric_value=round(float(value), 2),
             )
         )
@@ -240,7 +233,7 @@ def _body(info: dict[str, Any], license_id: str | None) -> str:
     metrics = {k: v for k, v in info.get("metrics", {}).items() if v is not None}
     if metrics:
         lines += ["", "| metric | value | meaning |", "|---|---:|---|"]
-        lines += [f"| {k} | {_number(v)} | {CONTINUAL_METRICS.get(k, '')} |" for k, v in metrics.items()]
+        lines += [f"| {k} | {_number(v)} | {METRIC_MEANINGS.get(k, '')} |" for k, v in metrics.items()]
     if artifact == "adapter" and _is_hub_id(base):
         repo = info.get("repo_id") or "<this-repo>"
         lines += [

@@ -1,7 +1,7 @@
 """Sequential LoRA fine-tuning (`lora_ft`): one LoRA carried from task to task, the field's lower bound.
 
 Every task updates the same adapter with no protection, so later tasks overwrite earlier ones. Reference settings on
-UCIT (../shared/METHODS.md): rank 16, alpha 32, lr 2e-4, one epoch, cosine schedule with 3 % warmup. With
+UCIT (HiDe-LLaVA, MCITlib): rank 16, alpha 32, lr 2e-4, one epoch, cosine schedule with 3 % warmup. With
 `model.full_finetune` the whole language model trains instead of an adapter (used to pretrain the tiny base).
 """
 

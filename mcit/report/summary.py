@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcit.errors import EvalError
+from mcit.evaluation.metrics import METRICS
 
-METRICS = ("MFT", "MFN", "MAA", "BWT", "forgetting", "FWT")
 # the methods x metrics chart of a comparison report
-COMPARISON = ("MFT", "MFN", "MAA", "BWT", "forgetting", "FWT", "superficial", "essential")
+COMPARISON = (*METRICS, "superficial", "essential")
 REQUIRED_KEYS = ("tasks", "stages", "stage_tasks", "matrix")
 OPTIONAL_GRIDS = ("format_matrix", "superficial", "essential", "constrained_matrix")
 EXAMPLE_CHARS = 80

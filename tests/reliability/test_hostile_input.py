@@ -187,9 +187,13 @@ def test_scorers_score_or_raise_eval_error(name, options, rows) -> None:
 
 
 @SCORER_FUZZ
-@given(name=st.sampled_from(sorted(scorer_names())), predictions=st.lists(scalars, min_size=1, max_size=3))
+@given(name=st.sampled_from(sorted(scorer_names())),
+       predictions=st.lists(scalars, min_size=1, max_size=3).filter(lambda xs: any(not isinstance(x, str) for x in xs)))
 def test_scorers_refuse_non_text_with_eval_error(name, predictions) -> None:
-    expect(EvalError, get_scorer(name), predictions, ["A"] * len(predictions))
+    """Any non-text prediction is refused with an EvalError naming its index and type (never scored as text)."""
+    first = next(i for i, x in enumerate(predictions) if not isinstance(x, str))
+    with pytest.raises(EvalError, match=rf"at index {first} is {type(predictions[first]).__name__}, expected str"):
+        get_scorer(name)(predictions, ["A"] * len(predictions))
 
 
 # --- YAML is parsed safely ------------------------------------------------------------------------------------------
