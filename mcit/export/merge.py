@@ -18,7 +18,7 @@ What each method gives (A_t, B_t per task, w_t the task weight):
 - `ties`, `dare_linear`, `dare_ties` (PEFT `merge_utils`): the linear rule above with TIES trimming / sign election
   (keep the top `density` magnitudes, disjoint mean of the agreeing signs) or DARE random dropping with 1/density
   rescaling, applied to the A's and to the B's independently — again not a merge of the dW's.
-- `copa` (CoPA-Merging / RobustMerge, as summarised in the project's methods notes): prune each task matrix to its
+- `copa` (CoPA-Merging / RobustMerge, as the CoPA paper describes it): prune each task matrix to its
   top `density` magnitudes; A = sum_t coef * masked A_t; per rank row of A_t the ratio
   s_t = sum|A_t| / sum|masked A_t|, clamped from below at its `clamp_quantile` quantile, weighs the B columns:
   B[:, k] = sum_t coef * s_t[k] * masked B_t[:, k] / sum_t s_t[k]. Task weights are not part of the method.

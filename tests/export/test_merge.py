@@ -1,4 +1,4 @@
-"""Merging task LoRAs: CoPA follows METHODS.md, the PEFT methods agree with PEFT, `cat` is the exact sum of dW."""
+"""Merging task LoRAs: CoPA follows its paper (mcit/export/merge.py docstring), the PEFT methods agree with PEFT, `cat` is the exact sum of dW."""
 
 import itertools
 
@@ -78,7 +78,7 @@ def test_copa_on_a_hand_computed_example():
 
 
 def _copa_reference(As, Bs, density=0.2, coef=2.0, q=0.8):
-    """METHODS.md step by step, with loops and sorting instead of the implementation's topk/vector ops."""
+    """The CoPA steps of the merge docstring, one by one, with loops and sorting instead of the implementation's topk/vector ops."""
 
     def keep_top(M):
         values = sorted((abs(v) for v in M.reshape(-1).tolist()), reverse=True)
