@@ -66,9 +66,8 @@ def build(variant: str, experts: int, proto_samples: int, workdir: Path, width: 
     """(model, method or None, encoder, processor) with `experts` experts (1 for merged / lora)."""
     from mcit.config import load_recipe
     from mcit.data.collate import Encoder
-    from mcit.methods.base import RunContext, TaskData, build_method
-    from mcit.models.loading import load_base
-    from mcit.runtime.seeding import seed_everything
+    from mcit.methods.base import TaskData, build_method
+    from mcit.workflows.load import attach_method, build_model
 
     repo = Path(__file__).resolve().parents[1]
     recipe_file = {"hide": "hide", "disco": "disco"}.get(variant, "lora_ft")
@@ -81,12 +80,11 @@ def build(variant: str, experts: int, proto_samples: int, workdir: Path, width: 
     if width:
         overrides.append(f"model.name_or_path={wide_base(width, workdir.parent)}")
     recipe = load_recipe(repo / "recipes" / "synthcit" / f"{recipe_file}.yaml", overrides)
-    seed_everything(0)
-    model, processor = load_base(recipe.model)
+    model, processor = build_model(recipe)
     train = {t: synthcit_samples(t, "train", proto_samples) for t in tasks}
     data = TaskData(tasks, train, {t: [] for t in tasks})
     method = build_method(recipe)
-    model = method.attach(model, RunContext(processor=processor, recipe=recipe, data=data, output_dir=workdir))
+    model = attach_method(method, model, processor, recipe, data, output_dir=workdir)
     if variant in ("hide", "disco"):
         for stage in range(experts):
             method.prepare(model, stage, [stage])

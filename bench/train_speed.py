@@ -79,22 +79,19 @@ def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdi
                  dropout: float = LORA["dropout"]):
     """A model with the method's adapter, the encoded samples and a StageTrainer ready to run (untimed)."""
     from mcit.data.collate import Encoder, PixelCache
-    from mcit.methods.base import RunContext, TaskData, build_method
-    from mcit.models.loading import load_base
-    from mcit.runtime.seeding import seed_everything
+    from mcit.methods.base import TaskData, build_method
     from mcit.train.loop import StageTrainer
+    from mcit.workflows.load import attach_method, build_model
 
     tasks = task.split(",")
     recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir, dropout)
     recipe.method.name = method_name
     per_task = -(-steps * batch // len(tasks))
     samples = [s for name in tasks for s in synthcit_samples(name, "train", per_task)][:steps * batch]
-    seed_everything(recipe.seed)
-    model, processor = load_base(recipe.model)
+    model, processor = build_model(recipe)
     data = TaskData([task], {task: samples}, {task: []})
     method = build_method(recipe)
-    ctx = RunContext(processor=processor, recipe=recipe, data=data, output_dir=workdir)
-    model = method.attach(model, ctx)
+    model = attach_method(method, model, processor, recipe, data, output_dir=workdir)
     method.prepare(model, 0, [0])
     encoder = Encoder(processor, recipe.train.max_length)
     encoded = [encoder.encode(s, i) for i, s in enumerate(samples)]

@@ -30,6 +30,7 @@ from mcit.export.modelcard import build_model_card, card_info, scrub
 from mcit.export.stage import Stage
 from mcit.models.loading import DTYPES, load_base
 from mcit.runs import checkpoint as ckpt
+from mcit.runs.folder import RunFolder
 from mcit.version import __version__
 
 
@@ -78,7 +79,7 @@ def export_experts(stage: Stage, out: Path, *, base_model: str | None = None, li
     state). `mcit.load(out)` and `mcit eval --checkpoint out` rebuild the routed model exactly as the run left it."""
     recipe = stage.recipe
     base_model = base_model or public_base_name(recipe.model.name_or_path)
-    target = out / "checkpoints" / stage.folder.name
+    target = RunFolder(out).checkpoints / stage.folder.name
     target.mkdir(parents=True)
     files = ckpt.manifest_files(stage.folder)
     for name in [*files, ckpt.MANIFEST]:
@@ -87,11 +88,11 @@ def export_experts(stage: Stage, out: Path, *, base_model: str | None = None, li
     ckpt.open_checkpoint(target)  # the copy verifies against the manifest
     if stage.results is None:
         raise CheckpointError(f"{stage.run_dir}: results.json is missing (the task order); resume the run first")
-    (out / "results.json").write_text(json.dumps(stage.results, indent=1) + "\n", encoding="utf-8")
+    RunFolder(out).results.write_text(json.dumps(stage.results, indent=1) + "\n", encoding="utf-8")
     data = recipe.to_dict()
     data.pop("source", None)
     data["output_dir"] = "."
-    (out / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    RunFolder(out).recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     provenance: dict[str, Any] = {
         "created_by": f"mcit export {__version__}", "recipe": recipe.name, "seed": recipe.seed,
         "method": stage.method, "stage": stage.number, "stage_label": stage.label, "artifact": "experts",
@@ -155,7 +156,7 @@ def write_card(stage: Stage, out: Path, provenance: dict[str, Any], license: str
 def write_recipe(stage: Stage, out: Path) -> None:
     data = stage.recipe.to_dict()
     data.pop("source", None)
-    (out / "recipe.yaml").write_text(scrub(yaml.safe_dump(data, sort_keys=False)), encoding="utf-8")
+    RunFolder(out).recipe.write_text(scrub(yaml.safe_dump(data, sort_keys=False)), encoding="utf-8")
 
 
 def hyperparameters(stage: Stage) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from mcit.errors import CheckpointError, McitError
 from mcit.evaluation.metrics import continual_metrics
 from mcit.export.merge import is_lora_key
 from mcit.runs import checkpoint as ckpt
+from mcit.runs.folder import METHOD_META, RunFolder, is_stage_folder, parse_stage_folder
 from mcit.runtime.files import load_tensors
 
-STAGE_FOLDER = re.compile(r"^stage-(?P<number>\d+)-(?P<label>.+)$")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Modules trained next to the adapters that PEFT can carry as `modules_to_save` (the names PEFT matches by suffix).
@@ -137,13 +137,14 @@ def find_stage(path: str | Path, stage: str | int = "last") -> Stage:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise McitError(f"{path} does not exist or is not a folder; give a run folder or a checkpoints/stage-XX-* one")
-    if _is_stage_folder(path):
-        folder, run_dir = path, path.parent.parent
-        number = int(STAGE_FOLDER.match(path.name)["number"]) if STAGE_FOLDER.match(path.name) else None
+    if is_stage_folder(path):
+        folder, run_dir = path, RunFolder.of_stage(path).root
+        parsed = parse_stage_folder(path)
+        number = parsed[0] if parsed else None
         if stage != "last" and number is not None and _stage_number(stage) != number:
             raise McitError(f"--stage {stage} does not match the stage folder {path.name}; drop --stage or give the "
                             "run folder")
-    elif (path / "checkpoints").is_dir() or (path / "recipe.yaml").is_file():
+    elif RunFolder(path).checkpoints.is_dir() or RunFolder(path).recipe.is_file():
         run_dir = path
         folder = _pick_stage(run_dir, stage)
     else:
@@ -157,27 +158,17 @@ def find_stage(path: str | Path, stage: str | int = "last") -> Stage:
             "export an earlier stage with --stage, or resume the run with `mcit train` to rewrite it"
         )
     ckpt.open_checkpoint(folder)  # every file present with its recorded size and hash
-    recipe_path = run_dir / "recipe.yaml"
+    recipe_path = RunFolder(run_dir).recipe
     if not recipe_path.is_file():
         raise CheckpointError(f"{folder}: the run's recipe.yaml is missing from {run_dir}; it names the base model")
-    meta_path = folder / "method.json"
+    meta_path = folder / METHOD_META
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    match = STAGE_FOLDER.match(folder.name)
-    number = int(meta.get("stage") or (match["number"] if match else 0))
-    label = str(meta.get("task") or (match["label"] if match else folder.name))
-    results_path = run_dir / "results.json"
+    parsed = parse_stage_folder(folder)
+    number = int(meta.get("stage") or (parsed[0] if parsed else 0))
+    label = str(meta.get("task") or (parsed[1] if parsed else folder.name))
+    results_path = RunFolder(run_dir).results
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else None
     return Stage(run_dir, folder, number, label, load_recipe(recipe_path), results, meta)
-
-
-def stage_folders(run_dir: Path) -> dict[int, Path]:
-    """Stage number -> folder for every `checkpoints/stage-XX-*` of a run (complete or not)."""
-    folders = {}
-    for path in sorted((run_dir / "checkpoints").glob("stage-*")):
-        match = STAGE_FOLDER.match(path.name)
-        if match and path.is_dir():
-            folders[int(match["number"])] = path
-    return folders
 
 
 def adapter_folders(root: Path) -> dict[str, Path]:
@@ -217,14 +208,8 @@ def natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _is_stage_folder(path: Path) -> bool:
-    return bool(STAGE_FOLDER.match(path.name)) or any(
-        (path / name).exists() for name in ("method.json", "model.safetensors", ckpt.MANIFEST)
-    )
-
-
 def _pick_stage(run_dir: Path, stage: str | int) -> Path:
-    folders = stage_folders(run_dir)
+    folders = RunFolder(run_dir).stage_dirs()
     if not folders:
         raise McitError(f"{run_dir} has no checkpoints/stage-XX-* folder yet: no stage has finished training")
     available = ", ".join(path.name for path in folders.values())

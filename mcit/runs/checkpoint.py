@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from mcit.runtime import failpoints
 from mcit.errors import CheckpointError
+from mcit.runtime import failpoints
 from mcit.runtime.files import fsync_dir, save_tensors, sha256, temporary_sibling, write_json_atomic
 
 MANIFEST = "MANIFEST.json"

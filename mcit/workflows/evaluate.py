@@ -20,7 +20,8 @@ def default_output(checkpoint: Path, card: str) -> Path:
     """Where `mcit eval` writes without `--output`: `<run>/eval/<stage>-<card>` for a run's stage folder (the stage
     folder itself stays exactly what its manifest lists), `<folder>/eval-<card>` for any other folder, else
     `./eval-<card>` (a Hub id or `builtin:` name)."""
-    if checkpoint.is_dir() and checkpoint.parent.name == "checkpoints" and (checkpoint / METHOD_META).is_file():
+    if checkpoint.is_dir() and (checkpoint / METHOD_META).is_file() and \
+            checkpoint.resolve().parent == RunFolder.of_stage(checkpoint).checkpoints:
         return RunFolder.of_stage(checkpoint).eval_dir(checkpoint, card)
     return (checkpoint if checkpoint.is_dir() else Path(".")) / f"eval-{card}"
 
@@ -44,7 +45,7 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
                           max_new_tokens=recipe.eval.max_new_tokens, autocast=recipe.model.autocast,
                           constrained=constrained, predictions_dir=out / "predictions",
                           log=lambda r: print(json.dumps(r), file=sys.stderr))
-    write_json_atomic(out / "results.json",
+    write_json_atomic(RunFolder(out).results,
                       checkpoint_results(str(checkpoint), card.name, card.task_names, rows, method.routing_report()))
     lines = ["| task | score | format % | superficial % | essential % | constrained |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -53,4 +54,4 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
                      f"| {c} |")
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
-    return out / "results.json"
+    return RunFolder(out).results

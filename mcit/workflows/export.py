@@ -13,6 +13,7 @@ from mcit.errors import McitError
 from mcit.export.build import export_experts, export_stage, make_shareable
 from mcit.export.hub import push_folder
 from mcit.export.stage import Stage, find_stage
+from mcit.runs.folder import RunFolder
 from mcit.runtime.files import atomic_folder
 
 
@@ -55,6 +56,6 @@ def _check_out(out: Path, force: bool, stage: Stage) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise McitError(f"--out {out} already exists and is not empty; choose a new folder or add --force to replace")
     # replacing the run (or a folder holding it) would delete the checkpoint being exported
-    checkpoints = stage.run_dir / "checkpoints"
+    checkpoints = RunFolder(stage.run_dir).checkpoints
     if out == stage.run_dir or out in stage.run_dir.parents or out == checkpoints or checkpoints in out.parents:
         raise McitError(f"--out {out} would overwrite or sit inside the run's checkpoints; choose another folder")
