@@ -115,8 +115,12 @@ def key_penalty(factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor
                 num_matrices: int | None = None, chunk: int = 1 << 16) -> torch.Tensor:
     """λ·(1/N)·Σ mean|(B·A)[keys]| over (B, A, keys) triples; N defaults to the number of triples."""
     terms = [keyed_product(b, a, k, chunk).abs().mean() for b, a, k in factors if k.numel()]
-    n = num_matrices or len(terms)
-    return reg_lambda / max(1, n) * torch.stack(terms).sum()
+    return scaled_penalty(terms, reg_lambda, num_matrices or len(terms))
+
+
+def scaled_penalty(terms: Sequence[torch.Tensor], reg_lambda: float, num_matrices: int) -> torch.Tensor:
+    """λ·(1/N)·Σ terms: the per-matrix mean |ΔW| at key positions, averaged over the N keyed matrices."""
+    return reg_lambda / max(1, num_matrices) * torch.stack(list(terms)).sum()
 
 
 # --- the method -------------------------------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ class RegLoRA(SequentialLoRA):
         self._stash.clear()
         if not terms or self.options.reg_lambda == 0:
             return None
-        return self.options.reg_lambda / len(self.keys) * torch.stack(list(terms.values())).sum()
+        return scaled_penalty(list(terms.values()), self.options.reg_lambda, len(self.keys))
 
     # --- merge -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
