@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from mcit.errors import EvalError, ModelError
+from mcit.runtime.precision import eval_mode
 
 CONSTANT_RTOL = 1e-12
 KINDS = ("rbf", "linear")
@@ -253,23 +254,19 @@ def collect_layer_features(
 
         return hook
 
-    # Restore each submodule's own mode afterwards: a runner may keep frozen parts in eval while training others.
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
     handles = [modules[i].register_forward_hook(make_hook(i)) for i in wanted]
     try:
-        for batch_index, batch in enumerate(batches):
-            inputs = {key: _move(value, device) for key, value in batch.items()}
-            mask = inputs.get("attention_mask")
-            if mask is not None and bool((mask.sum(dim=-1) == 0).any()):
-                raise EvalError(f"batch {batch_index} has a sample whose attention_mask is all zeros")
-            current["mask"] = mask
-            model(**inputs)
+        with eval_mode(model):  # each submodule's own mode comes back: a runner may keep frozen parts in eval
+            for batch_index, batch in enumerate(batches):
+                inputs = {key: _move(value, device) for key, value in batch.items()}
+                mask = inputs.get("attention_mask")
+                if mask is not None and bool((mask.sum(dim=-1) == 0).any()):
+                    raise EvalError(f"batch {batch_index} has a sample whose attention_mask is all zeros")
+                current["mask"] = mask
+                model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     if not sums[wanted[0]]:
         raise EvalError("collect_layer_features got no batches; the probe set is empty")
     return {i: torch.cat(sums[i], dim=0) for i in wanted}
