@@ -31,4 +31,3 @@ def isolated_cache(tmp_path_factory):
         os.environ.pop("MCIT_CACHE", None)
     else:
         os.environ["MCIT_CACHE"] = old
-

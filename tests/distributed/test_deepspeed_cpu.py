@@ -70,7 +70,6 @@ def test_build_ds_config_rejects_values_that_disagree_with_the_recipe() -> None:
 
 
 def test_hf_deepspeed_context_is_scoped() -> None:
-    pytest.importorskip("deepspeed")
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     config = ds.build_ds_config(ROOT / "launch" / "zero3.json", micro_batch=1, grad_accum=1, lr=1e-4,
@@ -150,8 +149,7 @@ def _free_port() -> int:
 
 def _launch(out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        pytest.skip(f"no deepspeed launcher next to {sys.executable}")
+    assert launcher.exists(), f"no deepspeed launcher next to {sys.executable} (deepspeed is a dependency of mcit)"
     env = dict(os.environ)
     env.update(
         DS_ACCELERATOR="cpu",
@@ -168,7 +166,6 @@ def _launch(out: Path, *args: str, timeout: float = 240) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("zero")
     _smoke_module().run_reference(out, STEPS)
     result = _launch(out, "--stages", "2,3", "--steps", str(STEPS))
@@ -240,7 +237,6 @@ def test_zero3_adapter_has_real_shapes_and_loads_with_peft(runs: Path) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_exception_on_one_rank_ends_the_job(tmp_path: Path) -> None:
-    pytest.importorskip("deepspeed")
     _smoke_module().ensure_base(tmp_path)
     result = _launch(tmp_path, "--stages", "3", "--steps", "6", "--crash-rank", "1", "--crash-step", "2")
     ended = time.time()

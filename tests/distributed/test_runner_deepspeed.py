@@ -1,7 +1,9 @@
 """The same recipe under the deepspeed launcher with 2 CPU processes (gloo), at ZeRO-2 and ZeRO-3, as a user runs it.
 
 A one-process run with grad_accum=2 sees exactly the samples of a 2-process step (the runner shards the same batch
-list over ranks), so the two loss curves must agree within bf16-autocast noise.
+list over ranks), so the two loss curves must agree within bf16-autocast noise. That agreement would also hold if
+ZeRO-3 silently fell back to unpartitioned weights, so the run's own record of partitioning is checked too: the `zero`
+event of log.jsonl, which counts the built model's parameters and those DeepSpeed partitioned (`ds_id`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _events(out, name: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["event"] == name]
+
+
 def _losses(out) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["event"] == "train"]
+    return [r["loss"] for r in _events(out, "train")]
 
 
 def _recipe(tmp_path, root, out, **train):
@@ -44,6 +50,8 @@ def single_process(tmp_path_factory, synthcit_root):
     proc = subprocess.run([sys.executable, "-m", "mcit.cli", "train", str(recipe)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (plain,) = _events(out, "zero")  # a plain process has no DeepSpeed and claims no partitioning
+    assert plain["stage"] == 0 and plain["partitioned_parameters"] == 0 and plain["parameters"] > 0, plain
     return out
 
 
@@ -57,6 +65,15 @@ def test_recipe_runs_under_deepspeed_with_two_processes(zero, tmp_path, synthcit
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     assert json.loads((out / "env.json").read_text())["world_size"] == 2
+    # ZeRO-3 really partitions: every parameter of the model built under zero.Init is a DeepSpeed shard; ZeRO-2 none
+    (partitioning,) = _events(out, "zero")
+    assert partitioning["parameters"] == _events(single_process, "zero")[0]["parameters"] > 0  # the same model
+    if zero == "zero3":
+        assert partitioning["stage"] == 3
+        assert partitioning["partitioned_parameters"] == partitioning["parameters"], partitioning
+    else:
+        assert partitioning["stage"] == 2
+        assert partitioning["partitioned_parameters"] == 0, partitioning
     results = json.loads((out / "results.json").read_text())
     assert len(results["matrix"]) == 3 and set(results["metrics"]) >= {"MFT", "MFN", "MAA", "BWT"}
     reference, launched = _losses(single_process), _losses(out)

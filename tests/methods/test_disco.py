@@ -13,8 +13,8 @@ from mcit.config import load_recipe, recipe_from_dict
 from mcit.errors import RecipeError
 from mcit.methods.base import build_method
 from mcit.workflows.train import ContinualRunner
-from tests.recipes import write_recipe
 from tests.methods.harness import TASKS, adapter_tensors, batch_of, build, train_stage
+from tests.recipes import write_recipe
 
 
 def test_distinct_tasks_get_their_own_frozen_slots(synthcit_root):

@@ -15,8 +15,8 @@ from mcit.errors import RecipeError
 from mcit.methods.base import build_method
 from mcit.methods.lora import lora_layers
 from mcit.workflows.train import ContinualRunner
-from tests.recipes import write_recipe
 from tests.methods.harness import adapter_tensors, batch_of, build, train_stage
+from tests.recipes import write_recipe
 
 
 def test_each_task_trains_only_its_expert_at_flat_cost(synthcit_root):

@@ -14,8 +14,8 @@ from mcit.errors import RecipeError
 from mcit.methods.base import build_method
 from mcit.methods.lora import lora_layers
 from mcit.workflows.train import ContinualRunner
-from tests.recipes import write_recipe
 from tests.methods.harness import build, train_stage
+from tests.recipes import write_recipe
 
 
 def test_layer_output_is_the_gated_sum_of_rank_r_over_e_experts(synthcit_root):

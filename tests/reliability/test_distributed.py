@@ -33,7 +33,6 @@ def _port() -> int:
 def _launch(recipe: Path, failpoint: str | None = None, timeout: float = 300) -> tuple[int, list[tuple[float, str]],
                                                                                          float]:
     """Run `mcit launch --cpu --nproc 2`; returns (exit code, timestamped output lines, end time)."""
-    pytest.importorskip("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "MCIT_DIST_TIMEOUT_S": "240"}  # a hang would outlive the 60 s bound, not end the test at 10 min
     env.pop("MCIT_FAILPOINT", None)
@@ -78,7 +77,6 @@ def test_an_exception_on_one_rank_ends_the_job_within_60_s(tmp_path, synthcit_ro
 
 def test_sigterm_to_mcit_launch_ends_every_rank(tmp_path, synthcit_root) -> None:
     """A scheduler cancelling the job signals the wrapper only; the launcher and both ranks must end too."""
-    pytest.importorskip("deepspeed")
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", synthcit_root, output_dir=out,
                           train={"batch_size": 8, "save_steps": 0, "deepspeed": "zero2"},

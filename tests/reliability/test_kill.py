@@ -18,8 +18,8 @@ import torch
 
 from mcit.errors import CheckpointError
 from mcit.runs import checkpoint as ckpt
-
-from .conftest import mcit, recipe_for, same_run
+from mcit.runtime import files
+from tests.reliability.cli_runs import mcit, recipe_for, same_run
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def test_write_error_midway_through_a_file_leaves_the_previous_checkpoint(tmp_pa
             f.write(b"\0" * 100)  # part of the file reached the disk
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(ckpt, "save_file", disk_fills_up)
+    monkeypatch.setattr(files, "save_file", disk_fills_up)  # what CheckpointWriter.tensors writes with
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*last-step \(No space left on device\)"):
         _write(folder, 2.0)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

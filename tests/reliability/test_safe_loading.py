@@ -14,8 +14,7 @@ import torch
 from mcit.config import ModelConfig
 from mcit.errors import CheckpointError
 from mcit.runs import checkpoint as ckpt
-
-from .conftest import mcit, recipe_for
+from tests.reliability.cli_runs import mcit, recipe_for
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mcit"
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}

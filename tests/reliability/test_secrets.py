@@ -1,5 +1,5 @@
 """A Hub token in the environment never reaches a file: every reliability run trains with HF_TOKEN set
-(conftest.FAKE_TOKEN); here the reference run is exported and pushed to a loopback Hub with the token, and every file
+(cli_runs.FAKE_TOKEN); here the reference run is exported and pushed to a loopback Hub with the token, and every file
 written — run folder (logs, env.json, TensorBoard events, checkpoints, report), export folder, model card, the
 uploaded files — and every line printed is searched for it."""
 
@@ -12,8 +12,7 @@ import pytest
 
 from mcit.export.hub import TOKEN_PATTERN
 from tests.export.fake_hub import FakeHub
-
-from .conftest import FAKE_TOKEN, mcit
+from tests.reliability.cli_runs import FAKE_TOKEN, mcit
 
 pytestmark = pytest.mark.slow
 
