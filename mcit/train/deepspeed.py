@@ -196,21 +196,12 @@ def initialize(
         if frozen:
             raise RecipeError(f"param_groups[{index}] holds {len(frozen)} frozen parameters; pass trainable ones only")
     _match_zero3_dtype(model, ds_config)
-    if "optimizer" in ds_config:
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups,
-            config=ds_config,
-            lr_scheduler=lambda opt: cosine_schedule(opt, warmup_steps, num_training_steps),
-        )
-        return engine
-    optimizer = torch.optim.AdamW(param_groups)
+    # a config with its own "optimizer" section gets DeepSpeed's optimizer over the groups, otherwise torch AdamW
+    optimizer = ({"model_parameters": param_groups} if "optimizer" in ds_config
+                 else {"optimizer": torch.optim.AdamW(param_groups)})
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=ds_config,
-        lr_scheduler=lambda opt: cosine_schedule(opt, warmup_steps, num_training_steps),
-    )
+        model=model, config=ds_config, **optimizer,
+        lr_scheduler=lambda opt: cosine_schedule(opt, warmup_steps, num_training_steps))
     return engine
 
 

@@ -68,14 +68,24 @@ def stage_labels(names: list[str], schedule: list[list[int]]) -> list[str]:
             for ids in schedule]
 
 
-def stage_settings(method: Method, recipe: Recipe, stage: int, task_ids: list[int]) -> TrainConfig:
-    """The recipe's `train:` settings with the method's overrides for this stage (unknown keys are refused)."""
+ENGINE_KEYS = ("batch_size", "grad_accum", "max_grad_norm", "deepspeed")
+"""`train:` keys a DeepSpeed engine fixes for the whole run (its config is built once from the recipe)."""
+
+
+def stage_settings(method: Method, recipe: Recipe, stage: int, task_ids: list[int],
+                   deepspeed: bool = False) -> TrainConfig:
+    """The recipe's `train:` settings with the method's overrides for this stage (unknown keys are refused, and
+    under DeepSpeed so are the keys its engine fixes for the run)."""
     overrides = method.stage_training(stage, task_ids)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise RecipeError(f"method {method.name!r}: stage_training returned unknown train keys {unknown}; "
                           f"known: {', '.join(sorted(known))}")
+    fixed = sorted(k for k in overrides if k in ENGINE_KEYS and overrides[k] != getattr(recipe.train, k))
+    if deepspeed and fixed:
+        raise RecipeError(f"method {method.name!r}: stage {stage + 1} changes train.{', train.'.join(fixed)}, which the "
+                          "DeepSpeed engine fixes for the whole run; set them in the recipe instead")
     return dataclasses.replace(recipe.train, **overrides) if overrides else recipe.train
 
 
@@ -175,7 +185,8 @@ class ContinualRunner:
                 trainer = StageTrainer(model, method, recipe, encoded, pixels, encoder.tokenizer.pad_token_id,
                                        stage=stage, label=label, step_dir=folder.last_step, log=log,
                                        ds_config=ds_config, image_info=image_info,
-                                       train=stage_settings(method, recipe, stage, task_ids))
+                                       train=stage_settings(method, recipe, stage, task_ids,
+                                                            deepspeed=ds_config is not None))
                 stats = trainer.run()
                 model = trainer.model
                 log({"event": "stage_trained", "stage": stage + 1, "task": label, **stats})

@@ -95,6 +95,20 @@ def test_the_spec_builds_the_plugin_and_its_stage_settings():
     assert second.batch_size == recipe.train.batch_size  # the keys it does not override stay the recipe's
 
 
+
+def test_stage_settings_refuse_unknown_keys_and_engine_keys_under_deepspeed(monkeypatch):
+    recipe = _recipe(SPEC)
+    method = build_method(recipe)
+    monkeypatch.setattr(method, "stage_training", lambda stage, ids: {"learning_rate": 1e-3})
+    with pytest.raises(RecipeError, match=r"unknown train keys \['learning_rate'\]"):
+        stage_settings(method, recipe, 1, [1])
+    monkeypatch.setattr(method, "stage_training", lambda stage, ids: {"lr": 1e-3, "grad_accum": 4})
+    assert stage_settings(method, recipe, 1, [1]).grad_accum == 4  # one process: the loop reads it per stage
+    with pytest.raises(RecipeError, match=r"stage 2 changes train\.grad_accum.*DeepSpeed engine"):
+        stage_settings(method, recipe, 1, [1], deepspeed=True)
+    monkeypatch.setattr(method, "stage_training", lambda stage, ids: {"lr": 1e-3})
+    assert stage_settings(method, recipe, 1, [1], deepspeed=True).lr == 1e-3  # lr lives in the optimizer groups
+
 def _entry_points(**targets: str):
     """A stand-in for importlib.metadata.entry_points with `targets` (name -> value) in mcit's group."""
     points = [EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP) for name, value in targets.items()]
