@@ -47,6 +47,7 @@ from mcit.routing.prototypes import RouterOptions
 from mcit.runs.folder import RunFolder
 from mcit.runtime import dist
 from mcit.runtime.files import write_json_atomic, write_text_atomic
+from mcit.runtime.placement import module_device
 from mcit.runtime.precision import autocast
 from mcit.runtime.zero import visible_parameters
 
@@ -194,7 +195,7 @@ class HiDeLLaVA(ExpertMethod):
         try:
             for expert in experts:
                 model.set_adapter(expert)
-                with torch.no_grad(), autocast(self.recipe.model.autocast):
+                with torch.no_grad(), autocast(self.recipe.model.autocast, module_device(model)):
                     features["+".join(self.expert_tasks[expert])] = collect_layer_features(model, batches())
         finally:
             self._activate(model, self.expert_name(stage))

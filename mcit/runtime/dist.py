@@ -60,11 +60,19 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where the process group's tensors must live: this rank's GPU under NCCL (which has no CPU path), else CPU."""
+    if (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_backend() == "nccl"):
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
 def mean_across_ranks(value: float) -> float:
     """The mean of a Python number over all ranks (collective; the value itself when not distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(tensor)
     return float(tensor.item()) / torch.distributed.get_world_size()
 

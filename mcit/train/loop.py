@@ -18,6 +18,7 @@ from mcit.data.collate import Encoded, PixelCache, collate
 from mcit.runs import checkpoint as ckpt
 from mcit.runtime import dist, failpoints
 from mcit.runtime.files import load_tensors
+from mcit.runtime.placement import module_device, to_device
 from mcit.runtime.precision import AUTOCAST, autocast
 from mcit.runtime.seeding import rng_state, set_rng_state
 from mcit.train import deepspeed as ds
@@ -40,6 +41,8 @@ class StageTrainer:
         self.ds_config = ds_config
         self.image_info = image_info or {}
         self.plan = plan_stage([len(e) for e in encoded], self.train, recipe.seed, stage)
+        self.device = module_device(model)
+        """Where batches go (collate builds them on the CPU); the engine's device once DeepSpeed wraps the model."""
 
     # --- optimizer -------------------------------------------------------------------------------------------------
     def _build(self):
@@ -88,10 +91,12 @@ class StageTrainer:
         batch = collate([self.encoded[i] for i in indices], self.pad_id, self.pixels)
         if dist.world_size() > 1 and self.image_info:
             batch = ds.ensure_vision_forward(batch, pad_token_id=self.pad_id, **self.image_info)
-        return batch
+        return to_device(batch, self.device)
 
     def run(self) -> dict[str, Any]:
         engine, optimizer, scheduler = self._build()
+        if engine is not None:
+            self.device = engine.device
         start = self._resume(optimizer, scheduler)
         model = engine if engine is not None else self.model
         model.train()
@@ -120,7 +125,7 @@ class StageTrainer:
             step_loss = 0.0
             for micro in range(self.plan.grad_accum):
                 batch = self._batch(self.plan.micro_batches[step * self.plan.grad_accum + micro])
-                with autocast(self.recipe.model.autocast):
+                with autocast(self.recipe.model.autocast, self.device):
                     outputs = model(**batch)
                     loss = outputs.loss
                     extra = self.method.extra_loss(self.model, batch, outputs)
