@@ -29,6 +29,7 @@ from mcit.report.summary import (
     router_accuracy,
     summary_line,
 )
+from mcit.runs.folder import RunFolder
 
 # --------------------------------------------------------------------------------------------------- document
 
@@ -282,7 +283,7 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     if out_dir is None:
         if len(run_dirs) > 1:
             raise EvalError(f"write_report: {len(run_dirs)} run folders given; pass out_dir for the combined report")
-        out_dir = run_dirs[0] / "report"
+        out_dir = RunFolder(run_dirs[0]).report
     runs = [load_run(d) for d in run_dirs]
     label_runs(runs)
     out_dir = Path(out_dir)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcit.errors import EvalError
 from mcit.evaluation.metrics import METRICS
+from mcit.runs.folder import RunFolder
 
 # the methods x metrics chart of a comparison report
 COMPARISON = (*METRICS, "superficial", "essential")
@@ -53,7 +53,7 @@ class Run:
 
 def load_results(run_dir: Path) -> dict:
     """Read and shape-check <run_dir>/results.json; a report built on a ragged matrix would silently mislabel cells."""
-    file = Path(run_dir) / "results.json"
+    file = RunFolder(run_dir).results
     if not file.is_file():
         raise EvalError(f"{run_dir}: no results.json in this folder; is it a run output_dir (see docs/DESIGN.md)?")
     try:
@@ -118,7 +118,7 @@ def read_loss_log(log_file: Path) -> tuple[dict[str, tuple[list[float], list[flo
 def load_run(run_dir: Path) -> Run:
     """results.json (checked) and, when there is a log.jsonl, the loss curves of one run folder."""
     run = Run(path=Path(run_dir), results=load_results(run_dir))
-    log_file = run.path / "log.jsonl"
+    log_file = RunFolder(run.path).log
     if log_file.is_file():
         run.loss, run.skipped_log_lines = read_loss_log(log_file)
     return run
@@ -231,11 +231,7 @@ def last_router_confusion(results: dict) -> tuple[list[list[float]], str] | None
 
 def prediction_examples(run: Run) -> list[list[str]]:
     """One wrong-format and one wrong-content prediction per earlier task at the newest predictions stage."""
-    stage_dirs = sorted(
-        (int(m.group(1)), d)
-        for d in (run.path / "predictions").glob("stage-*")
-        if (m := re.fullmatch(r"stage-(\d+)", d.name)) and d.is_dir()
-    )
+    stage_dirs = sorted(RunFolder(run.path).prediction_dirs().items())
     if not stage_dirs:
         return []
     stage, folder = stage_dirs[-1]

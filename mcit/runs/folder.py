@@ -26,6 +26,7 @@ from mcit.runtime import dist
 from mcit.runtime.files import write_json_atomic
 
 STAGE_FOLDER = re.compile(r"^stage-(?P<number>\d+)-(?P<label>.+)$")
+PREDICTION_FOLDER = re.compile(r"^stage-(?P<row>\d+)$")
 METHOD_META = "method.json"
 
 
@@ -40,8 +41,15 @@ def parse_stage_folder(path: Path) -> tuple[int, str] | None:
     return (int(match["number"]), match["label"]) if match else None
 
 
+def has_stage_state(path: Path) -> bool:
+    """A folder holding a stage's method state (method.json): what a stage checkpoint or an expert-set export loads
+    from."""
+    return (Path(path) / METHOD_META).is_file()
+
+
 def is_stage_folder(path: Path) -> bool:
-    """A run's stage checkpoint, complete or interrupted: named `stage-XX-<label>` or holding a stage's files."""
+    """A run's stage checkpoint, complete or interrupted: named `stage-XX-<label>` or holding a stage's files (the
+    loose test export uses to explain what is wrong with a folder)."""
     path = Path(path)
     return parse_stage_folder(path) is not None or any(
         (path / name).exists() for name in (METHOD_META, "model.safetensors", MANIFEST))
@@ -85,6 +93,15 @@ class RunFolder:
     def predictions_dir(self, row: int) -> Path:
         """Prediction files of results row `row` (0: zero-shot)."""
         return self.root / "predictions" / f"stage-{row:02d}"
+
+    def prediction_dirs(self) -> dict[int, Path]:
+        """results row -> its prediction folder, for every row that has one."""
+        found = {}
+        for path in sorted((self.root / "predictions").glob("stage-*")):
+            match = PREDICTION_FOLDER.match(path.name)
+            if match and path.is_dir():
+                found[int(match["row"])] = path
+        return found
 
     def eval_dir(self, stage_dir: Path, card: str) -> Path:
         """Where `mcit eval` of one of this run's stage folders writes (the stage folder stays as its manifest says)."""

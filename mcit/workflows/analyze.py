@@ -31,7 +31,7 @@ from mcit.config import load_recipe, recipe_from_dict
 from mcit.data.collate import Encoder, PixelCache, collate
 from mcit.data.records import Sample
 from mcit.errors import EvalError
-from mcit.runs.folder import METHOD_META, RunFolder, parse_stage_folder
+from mcit.runs.folder import RunFolder, has_stage_state, parse_stage_folder
 from mcit.runtime.files import write_text_atomic
 from mcit.runtime.precision import autocast as autocast_for
 from mcit.workflows.load import load_checkpoint, prepare_card
@@ -44,7 +44,7 @@ def checkpoint_label(checkpoint: str) -> str:
     path = Path(checkpoint).expanduser()
     name = path.name or checkpoint
     parsed = parse_stage_folder(path)
-    if parsed and (path / METHOD_META).is_file():
+    if parsed and has_stage_state(path):
         return parsed[1]
     return name.split(":")[-1]
 
@@ -62,7 +62,7 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
 def default_out_dir(checkpoint: str) -> Path:
     """`RUN/analysis` when the first checkpoint is a stage folder `RUN/checkpoints/stage-XX-*`, else `./analysis`."""
     path = Path(checkpoint).expanduser()
-    if (path / METHOD_META).is_file():
+    if has_stage_state(path):
         return RunFolder.of_stage(path).analysis
     return Path("analysis")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from mcit.config import load_recipe
 from mcit.data.collate import Encoder, PixelCache
 from mcit.evaluation.evaluate import evaluate_tasks
-from mcit.runs.folder import METHOD_META, RunFolder
+from mcit.runs.folder import RunFolder, has_stage_state
 from mcit.runs.results import checkpoint_results
 from mcit.runtime.files import write_json_atomic
 from mcit.workflows.load import load_checkpoint, load_test_data, prepare_card
@@ -20,7 +20,7 @@ def default_output(checkpoint: Path, card: str) -> Path:
     """Where `mcit eval` writes without `--output`: `<run>/eval/<stage>-<card>` for a run's stage folder (the stage
     folder itself stays exactly what its manifest lists), `<folder>/eval-<card>` for any other folder, else
     `./eval-<card>` (a Hub id or `builtin:` name)."""
-    if checkpoint.is_dir() and (checkpoint / METHOD_META).is_file() and \
+    if checkpoint.is_dir() and has_stage_state(checkpoint) and \
             checkpoint.resolve().parent == RunFolder.of_stage(checkpoint).checkpoints:
         return RunFolder.of_stage(checkpoint).eval_dir(checkpoint, card)
     return (checkpoint if checkpoint.is_dir() else Path(".")) / f"eval-{card}"

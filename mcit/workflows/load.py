@@ -24,7 +24,7 @@ from mcit.data.validate import filter_valid, validate_card
 from mcit.errors import CheckpointError, DataError
 from mcit.methods.base import Checkpoint, Method, RunContext, TaskData, build_method
 from mcit.models.loading import load_base
-from mcit.runs.folder import METHOD_META, RunFolder
+from mcit.runs.folder import RunFolder, has_stage_state
 from mcit.runtime.seeding import seed_everything
 from mcit.train import deepspeed as ds
 from mcit.train.stages import load_stage, stage_meta
@@ -124,14 +124,14 @@ def exported_stage(path: Path) -> Path | None:
     """The stage folder of an `mcit export --experts` folder (recipe.yaml + checkpoints/ with one stage), else None."""
     run = RunFolder(path)
     stages = list(run.stage_dirs().values()) if run.recipe.is_file() else []
-    return stages[-1] if len(stages) == 1 and (stages[0] / METHOD_META).is_file() else None
+    return stages[-1] if len(stages) == 1 and has_stage_state(stages[0]) else None
 
 
 def load_checkpoint(checkpoint: str, recipe: Recipe | None = None):
     """(model, processor, method, recipe) for any accepted checkpoint kind (module docstring)."""
     path = Path(checkpoint).expanduser()
     path = exported_stage(path) or path
-    if (path / METHOD_META).is_file():
+    if has_stage_state(path):
         run_recipe = RunFolder.of_stage(path).recipe
         if not run_recipe.is_file():
             raise CheckpointError(f"{path}: stage checkpoint without its run's recipe.yaml at {run_recipe}")

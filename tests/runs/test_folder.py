@@ -97,3 +97,12 @@ def test_claim_refuses_another_recipe_naming_the_changed_keys(tmp_path):
     assert "different recipe" in message and str(run.root) in message
     assert "(changed: method.lora.r, train.lr)" in message  # exactly the keys that differ, as dotted paths
     assert run.recipe.read_text() == saved  # the run's own recipe stays
+
+
+def test_prediction_dirs_map_rows_to_their_folders(tmp_path):
+    run = RunFolder(tmp_path)
+    for row in (0, 2, 11):
+        run.predictions_dir(row).mkdir(parents=True)
+    (tmp_path / "predictions" / "stage-xx").mkdir()  # not a row
+    (tmp_path / "predictions" / "stage-03").write_text("a file, not a folder")
+    assert run.prediction_dirs() == {0: run.predictions_dir(0), 2: run.predictions_dir(2), 11: run.predictions_dir(11)}
