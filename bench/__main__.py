@@ -7,8 +7,12 @@
 
 Parts: train (throughput against transformers Trainer + PEFT), mfu, eval (batched against one-at-a-time
 generation), router (routed against merged inference), memory (per-method memory, storage and time per task, read
-from the quality runs' seed 0 or run at `small` size), quality (every method x seeds). Each part stores its numbers in
-`<workdir>/<part>.json`; finished quality runs are reused, so an interrupted `quality` resumes where it stopped.
+from the quality runs' seed 0 or run at `small` size), quality (every method x seeds), image_cache (host memory of
+40,000 distinct 336-px images through the bounded image cache, against the unbounded one), ranking (peak memory of
+likelihood ranking against the number of candidates, chunked against all at once), memory_estimate (estimated GPU
+memory and wall time of the UCIT recipes on LLaVA-1.5-7B, also written to bench/results/ and docs/DISTRIBUTED.md).
+Each part stores its numbers in `<workdir>/<part>.json`; finished quality runs are reused, so an interrupted
+`quality` resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from bench.common import (
     write_json,
 )
 
-PARTS = ("train", "mfu", "eval", "router", "quality", "memory")
+PARTS = ("train", "mfu", "eval", "router", "quality", "memory", "image_cache", "ranking", "memory_estimate")
 
 
 def _say(text: str) -> None:
@@ -96,6 +100,50 @@ def part_router(cfg) -> dict[str, Any]:
         out = cfg.workdir / "children" / f"router-{variant}-{experts}{f'-w{width}' if width else ''}.json"
         results.append(run_child("bench.router_speed", args, out, cfg.threads, log=cfg.log))
     return {"runs": results}
+
+
+def part_image_cache(cfg) -> dict[str, Any]:
+    """The bounded cache (the recipe default) over every image, then the unbounded one over the first few thousand:
+    its resident memory grows linearly, so its line is fitted and extrapolated to the full count."""
+    _say(f"image_cache: {cfg.cache_images:,} images through the default budget")
+    args = ["--images", str(cfg.cache_images), "--batch", "16", "--threads", str(cfg.threads)]
+    bounded = run_child("bench.image_cache", args, cfg.workdir / "children" / "image-cache-bounded.json",
+                        cfg.threads, log=cfg.log)
+    _say(f"image_cache: {cfg.cache_unbounded_images:,} images without a bound")
+    args = ["--images", str(cfg.cache_unbounded_images), "--batch", "16", "--budget-mb", "-1", "--every", "1",
+            "--threads", str(cfg.threads)]
+    unbounded = run_child("bench.image_cache", args, cfg.workdir / "children" / "image-cache-unbounded.json",
+                          cfg.threads, log=cfg.log)
+    points = [(s["images"], s["rss_mib"]) for s in unbounded["samples"] if s["images"] > 0]
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    at = mean_y + slope * (cfg.cache_images - mean_x)
+    return {"bounded": bounded, "unbounded": unbounded,
+            "extrapolation": {"method": "least-squares line through the unbounded run's RSS samples",
+                              "images": cfg.cache_images, "mib_per_image": round(slope, 4), "rss_mib": round(at)}}
+
+
+def part_ranking(cfg) -> dict[str, Any]:
+    """One image sample ranked against each candidate count, for each chunk size (`all`: one forward), one child
+    process per setting so that each peak RSS is that setting's alone."""
+    runs = []
+    for chunk in cfg.ranking_chunks:
+        for candidates in cfg.ranking_candidates:
+            _say(f"ranking: {candidates} candidates, chunk {chunk}")
+            out = cfg.workdir / "children" / f"ranking-{candidates}-{chunk}.json"
+            runs.append(run_child("bench.ranking_memory", ["--candidates", str(candidates), "--chunk", chunk,
+                                                           "--threads", str(cfg.threads)], out, cfg.threads,
+                                  log=cfg.log))
+    return {"runs": runs}
+
+
+def part_memory_estimate(cfg) -> dict[str, Any]:
+    """Estimated GPU memory and wall time of the UCIT recipes on LLaVA-1.5-7B (bench/memory_estimate.py): writes the
+    committed bench/results/memory_estimate.json and the tables of docs/DISTRIBUTED.md."""
+    from bench import memory_estimate
+
+    return memory_estimate.run(say=_say)
 
 
 def part_quality(cfg, size: str, methods: list[str], seeds: list[int], name: str | None = None) -> dict[str, Any]:
@@ -169,11 +217,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from all, report, {', '.join(PARTS)}")
     sizes = {"train_task": "caption", "train_steps": 40, "batch": 32, "warmup": 5, "rounds": 2,
              "eval_per_task": 50, "eval_train_steps": 40, "router_samples": 120, "router_repeats": 3,
-             "router_experts": [2, 4, 6], "proto_samples": 64, "router_width": 1024}
+             "router_experts": [2, 4, 6], "proto_samples": 64, "router_width": 1024,
+             "cache_images": 40_000, "cache_unbounded_images": 2_000,
+             "ranking_candidates": [10, 1000], "ranking_chunks": ["8", "64", "all"]}
     if cfg.smoke:
         sizes.update({"train_steps": 4, "batch": 4, "warmup": 1, "rounds": 1, "eval_per_task": 2,
                       "eval_train_steps": 1, "router_samples": 4, "router_repeats": 1, "router_experts": [2],
-                      "proto_samples": 4, "router_width": 320})
+                      "proto_samples": 4, "router_width": 320, "cache_images": 64, "cache_unbounded_images": 32,
+                      "ranking_candidates": [3, 20], "ranking_chunks": ["8", "all"]})
         if cfg.quality != "skip":
             cfg.quality = "tiny"
     for key, value in sizes.items():
@@ -203,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
             data = part_memory(cfg, size, methods)
             name = "memory"
         else:
-            data = {"train": part_train, "mfu": part_mfu, "eval": part_eval, "router": part_router}[part](cfg)
+            data = {"train": part_train, "mfu": part_mfu, "eval": part_eval, "router": part_router,
+                    "image_cache": part_image_cache, "ranking": part_ranking,
+                    "memory_estimate": part_memory_estimate}[part](cfg)
             name = part
         data.update({"load_before": load, "load_after": other_load(), "seconds": round(time.time() - t0, 1),
                      "mcit_commit": meta["machine"]["mcit_commit"],

@@ -2,7 +2,7 @@
 # Start `python -m mcit train` under the DeepSpeed launcher: N processes on this node (GPUs, or CPU with gloo),
 # or one share of a multi-node job. All arguments go to `mcit train` unchanged. See docs/DISTRIBUTED.md.
 #
-#   launch/train.sh recipes/x.yaml train.deepspeed=launch/zero3.json            # this node, every GPU (or 2 CPU procs)
+#   launch/train.sh recipes/x.yaml train.deepspeed=zero3                        # this node, every GPU (or 2 CPU procs)
 #   NPROC=2 launch/train.sh ...                                                 # processes on this node
 #   HOSTFILE=launch/hostfile launch/train.sh ...                                # all nodes via passwordless ssh + pdsh
 #   HOSTFILE=launch/hostfile NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/train.sh   # run on each node yourself (no ssh)

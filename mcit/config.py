@@ -73,7 +73,7 @@ class ASDConfig:
 @dataclass
 class BenchmarkConfig:
     card: str = "synthcit-mini"
-    """A data card name (`data_cards/<name>.yaml`) or a path."""
+    """A data card name (a shipped card, `mcit/assets/data_cards/<name>.yaml`) or a path."""
     tasks: list[str] | None = None
     """A subset / order of the card's tasks (default: all, in card order)."""
     root: str | None = None
@@ -82,6 +82,9 @@ class BenchmarkConfig:
     max_test: int | None = None
     skip_invalid: bool = False
     """Train on the valid samples of a card with problems (reporting how many were skipped) instead of refusing."""
+    image_cache_mb: int = 2048
+    """Host memory (MiB) per process for preprocessed images kept between batches, least recently used dropped first
+    (0: none kept). A 336-px image takes 1.3 MiB, so the default keeps ~1,500 of them."""
     asd: ASDConfig = field(default_factory=ASDConfig)
 
 
@@ -105,7 +108,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
-    max_length: int = 512
+    max_length: int | None = None
+    """Tokens per sample, image placeholders included; longer samples are cut. Default: the model's image tokens +
+    512 (LLaVA-1.5 at 336 px: 576 + 512)."""
     group_by_length: bool = True
     save_steps: int = 50
     """Write a resumable step checkpoint every this many optimizer steps (0: only at task ends)."""
@@ -245,9 +250,11 @@ def _check_values(recipe: Recipe, where: str) -> None:
         ("train.lr", recipe.train.lr > 0, "a positive number"),
         ("train.epochs", recipe.train.epochs > 0, "a positive number"),
         ("train.warmup_ratio", 0 <= recipe.train.warmup_ratio < 1, "a number in [0, 1)"),
-        ("train.max_length", recipe.train.max_length >= 16, "an integer >= 16"),
+        ("train.max_length", recipe.train.max_length is None or recipe.train.max_length >= 16,
+         "an integer >= 16, or null for the model's image tokens + 512"),
         ("method.lora.r", recipe.method.lora.r >= 1, "a positive integer"),
         ("benchmark.asd.fraction", 0 <= recipe.benchmark.asd.fraction <= 1, "a number in [0, 1]"),
+        ("benchmark.image_cache_mb", recipe.benchmark.image_cache_mb >= 0, "an integer >= 0 (MiB; 0 keeps no images)"),
         ("eval.batch_size", recipe.eval.batch_size >= 1, "a positive integer"),
     ]
     if recipe.train.max_steps is not None:

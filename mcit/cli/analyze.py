@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report every layer whose mean cross-task CKA is below this value instead")
     p.add_argument("--recipe", help="recipe for adapters/bare models (model settings); stage folders use their run's")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512, help="token limit of a probe sample (same for all models)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="token limit of a probe sample (default: the model's image tokens + 512)")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                    help="compute dtype of the forward passes (default none: fp32, the most exact)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:i]")

@@ -27,8 +27,8 @@ SCORERS = ("exact_match", "mc_letter", "numeric", "yesno", "contains", "caption"
 here; `mcit.evaluation.scorers.register_scorer` refuses any other name."""
 SPLITS = ("train", "test")
 
-_REPO_CARDS = Path(__file__).resolve().parents[2] / "data_cards"
-_PACKAGED_CARDS = Path(__file__).resolve().parents[1] / "assets" / "data_cards"
+CARDS_DIR = Path(__file__).resolve().parents[1] / "assets" / "data_cards"
+"""The shipped cards (`mcit/assets/data_cards/<name>.yaml`), package data so that `card: ucit` works in any install."""
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -87,8 +87,22 @@ class DataCard:
 
     @property
     def root_dir(self) -> Path:
-        """The expanded root (raises DataError naming the environment variable when it is unset)."""
-        return expand_root(self.root, self.path)
+        """The expanded root (raises DataError naming the environment variable when it is unset).
+
+        In a launched process (one rank of a multi-node job) a root that is not a folder is an error at once, naming
+        the variable, the host and the rank: each node reads its own environment and disks, and a node without the
+        data should stop the job before the model is built. A generated card (SynthCIT) is exempt: it builds its root.
+        """
+        root = expand_root(self.root, self.path)
+        if self.generator is None and not root.is_dir():
+            where = _launched_where()
+            if where:
+                names = [m.group(1) for m in _ENV_PATTERN.finditer(self.root)]
+                what = f"the environment variable {names[0]}" if names else "the card's root"
+                value = f"={os.environ.get(names[0])!r}" if names else f" {self.root!r}"
+                raise DataError(f"{self._where()}: {what}{value} points to {root}, which is not a folder {where}; "
+                                f"every node needs the data at that path (or its own value of the variable)")
+        return root
 
     def image_root(self, task: str) -> Path:
         spec = self.task(task)
@@ -156,6 +170,11 @@ def expand_root(raw: str, card_path: Path | None = None) -> Path:
         if default is not None:
             return default
         where = str(card_path) if card_path else "data card"
+        node = _launched_where()
+        if node:
+            raise DataError(f"{where}: root {raw!r} needs the environment variable {var}, which is unset {node}; "
+                            f"set it on every node (`mcit launch --hostfile` forwards the MCIT_* variables it sees, "
+                            f"see docs/DISTRIBUTED.md)")
         raise DataError(f"{where}: root {raw!r} needs the environment variable {var}; set it to the folder that "
                         f"holds this benchmark (see docs/DATA.md), e.g. `export {var}=/data/...`")
 
@@ -169,9 +188,20 @@ def expand_root(raw: str, card_path: Path | None = None) -> Path:
     return path
 
 
+def _launched_where() -> str:
+    """"on host H (rank R of W)" in a process a launcher started, else "" (a plain process has one machine)."""
+    from mcit.runtime import dist  # imports torch: only on this error path, so loading a card stays light
+
+    if not dist.launched():
+        return ""
+    import socket
+
+    return f"on host {socket.gethostname()} (rank {dist.rank()} of {dist.world_size()})"
+
+
 def card_search_paths() -> list[Path]:
-    """Folders a bare card name is looked up in: the repository's data_cards/, then the packaged copy."""
-    return [_REPO_CARDS, _PACKAGED_CARDS]
+    """Folders a bare card name is looked up in: the cards shipped inside the package."""
+    return [CARDS_DIR]
 
 
 def available_cards() -> list[str]:
@@ -196,7 +226,11 @@ def load_card(path_or_name: str | os.PathLike) -> DataCard:
             raise DataError(f"no data card named {text!r}{suggest(text, names)}; available: {', '.join(names)} "
                             f"(or give a path to a .yaml file)")
     if not path.is_file():
-        raise DataError(f"data card file not found: {path}")
+        hint = ""
+        if path.parent.name == "data_cards" and path.stem in available_cards():
+            # The cards lived in a top-level data_cards/ folder before they became package data.
+            hint = f"; the shipped card is found by its name: `card: {path.stem}`"
+        raise DataError(f"data card file not found: {path}{hint}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -24,7 +24,7 @@ from mcit.evaluation.formats import label_prediction
 from mcit.evaluation.generate import candidate_logprobs, constrained_predictions, generate
 from mcit.evaluation.normalize import Normalizer
 from mcit.evaluation.scorers import get_scorer
-from mcit.runtime import failpoints
+from mcit.runtime import dist, failpoints
 
 CLOSED_STYLES = ("word", "number", "letter", "yesno")
 
@@ -68,13 +68,10 @@ def _constrained_hit(reference: str, choice: str) -> bool:
     return norm(reference) == norm(choice)
 
 
-def evaluate_task(model, method, encoder: Encoder, pixels: PixelCache, spec: TaskSpec, samples: Sequence[Sample], *,
-                  batch_size: int, max_new_tokens: int, autocast, constrained: bool,
-                  predictions_file: Path | None = None) -> TaskResult:
-    if not samples:
-        raise EvalError(f"task {spec.name!r}: no test samples to evaluate")
-    t0 = time.time()
-    predictions: list[str | None] = [None] * len(samples)
+def _answers(model, method, encoder: Encoder, pixels: PixelCache, samples: Sequence[Sample], *, batch_size: int,
+             max_new_tokens: int, autocast) -> tuple[list[str], list[Any]]:
+    """Greedy answers and the method's route of every sample (None where the method does not route)."""
+    predictions: list[str] = [""] * len(samples)
     routed: list[Any] = [None] * len(samples)
     for context, indices in method.eval_groups(model, samples):
         group = [samples[i] for i in indices]
@@ -83,9 +80,64 @@ def evaluate_task(model, method, encoder: Encoder, pixels: PixelCache, spec: Tas
                             autocast=autocast, progress=None)
         routes = getattr(context, "routes", None) or [None] * len(indices)
         for i, out, route in zip(indices, outs, routes, strict=True):
-            predictions[i] = out
+            predictions[i] = out or ""
             routed[i] = route
-    preds = [p or "" for p in predictions]
+    return predictions, routed
+
+
+def _ranked(model, method, encoder: Encoder, pixels: PixelCache, samples: Sequence[Sample], *, batch_size: int,
+            autocast) -> list[bool | None]:
+    """Whether the most likely candidate of each sample is its reference (None for a sample without candidates)."""
+    cands = [_candidates(s) for s in samples]
+    usable = [i for i, c in enumerate(cands) if c]
+    correct: list[bool | None] = [None] * len(samples)
+    if not usable:
+        return correct
+    sub = [samples[i] for i in usable]
+    for context, indices in method.eval_groups(model, sub):
+        lists = [cands[usable[j]] for j in indices]
+        with context:
+            lp = candidate_logprobs(model, encoder, [sub[j] for j in indices], lists, pixels, batch_size=batch_size,
+                                    autocast=autocast)
+        for j, choice in zip(indices, constrained_predictions(lp, lists), strict=True):
+            correct[usable[j]] = _constrained_hit(sub[j].answer, choice)
+    return correct
+
+
+def _on_my_shard(run, samples: Sequence[Sample], ranks: int) -> list:
+    """`run(samples)` (one list entry per sample) with the samples split over the ranks: rank r computes samples
+    r, r + W, r + 2W, ... and every rank gets every entry back in sample order. One process: `run(samples)`."""
+    if ranks <= 1:
+        return run(samples)
+    mine = list(range(dist.rank(), len(samples), ranks))
+    local = run([samples[i] for i in mine]) if mine else []
+    merged: list = [None] * len(samples)
+    for indices, values in dist.all_gather_objects((mine, local)):
+        for i, value in zip(indices, values, strict=True):
+            merged[i] = value
+    return merged
+
+
+def evaluate_task(model, method, encoder: Encoder, pixels: PixelCache, spec: TaskSpec, samples: Sequence[Sample], *,
+                  batch_size: int, max_new_tokens: int, autocast, constrained: bool,
+                  predictions_file: Path | None = None, shard: bool = False) -> TaskResult:
+    """Score one task. With `shard`, the ranks of a launched run split its samples (each generates and ranks its
+    share; the answers are gathered on every rank and scored there, so every rank returns the same result and only
+    the main rank writes the predictions file): the same predictions as one process up to batch-composition float
+    noise, W times faster."""
+    if not samples:
+        raise EvalError(f"task {spec.name!r}: no test samples to evaluate")
+    t0 = time.time()
+    ranks = dist.world_size() if shard and dist.is_distributed() else 1
+
+    def answer(part):
+        preds, routes = _answers(model, method, encoder, pixels, part, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, autocast=autocast)
+        return list(zip(preds, routes, strict=True))
+
+    answered = _on_my_shard(answer, samples, ranks)
+    preds = [pred for pred, _ in answered]
+    routed = [route for _, route in answered]
     scorer = get_scorer(spec.scorer, **spec.scorer_options)
     result = scorer(preds, [s.answer for s in samples], [s.meta for s in samples])
     labels = [label_prediction(spec.answer_style, score >= 0.5, pred, s.meta)
@@ -93,24 +145,13 @@ def evaluate_task(model, method, encoder: Encoder, pixels: PixelCache, spec: Tas
     constrained_ok: list[bool | None] = [None] * len(samples)
     constrained_score = None
     if constrained and spec.answer_style in CLOSED_STYLES:
-        cands = [_candidates(s) for s in samples]
-        usable = [i for i, c in enumerate(cands) if c]
-        if usable:
-            sub = [samples[i] for i in usable]
-            hits = []
-            for context, indices in method.eval_groups(model, sub):
-                with context:
-                    lp = candidate_logprobs(model, encoder, [sub[j] for j in indices], [cands[usable[j]] for j in
-                                                                                          indices],
-                                            pixels, batch_size=batch_size, autocast=autocast)
-                choices = constrained_predictions(lp, [cands[usable[j]] for j in indices])
-                for j, choice in zip(indices, choices, strict=True):
-                    ok = _constrained_hit(sub[j].answer, choice)
-                    constrained_ok[usable[j]] = ok
-                    hits.append(ok)
+        constrained_ok = _on_my_shard(lambda part: _ranked(model, method, encoder, pixels, part,
+                                                           batch_size=batch_size, autocast=autocast), samples, ranks)
+        hits = [ok for ok in constrained_ok if ok is not None]
+        if hits:
             constrained_score = 100.0 * sum(hits) / len(hits)
     n = len(samples)
-    if predictions_file is not None:
+    if predictions_file is not None and dist.is_main():
         predictions_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = predictions_file.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -132,13 +173,14 @@ def evaluate_task(model, method, encoder: Encoder, pixels: PixelCache, spec: Tas
 
 def evaluate_tasks(model, method, encoder: Encoder, pixels: PixelCache, specs: Sequence[TaskSpec],
                    test: dict[str, list[Sample]], *, batch_size: int, max_new_tokens: int, autocast,
-                   constrained: bool, predictions_dir: Path | None = None, log=None) -> list[TaskResult]:
+                   constrained: bool, predictions_dir: Path | None = None, log=None,
+                   shard: bool = False) -> list[TaskResult]:
     results = []
     for spec in specs:
         path = predictions_dir / f"{spec.name}.jsonl" if predictions_dir is not None else None
         res = evaluate_task(model, method, encoder, pixels, spec, test[spec.name], batch_size=batch_size,
                             max_new_tokens=max_new_tokens, autocast=autocast, constrained=constrained,
-                            predictions_file=path)
+                            predictions_file=path, shard=shard)
         if log is not None:
             log({"event": "eval", "task": spec.name, "score": round(res.score, 2),
                  "format": round(res.format_rate, 1), "constrained": res.constrained,

@@ -5,6 +5,8 @@ than with `collate` because generation needs LEFT padding (every row's next toke
 position ids of a left-padded row must start at its first real token, as `model.generate` computes them from the
 attention mask. Samples are sorted by prompt length so a batch carries little padding, and image and text-only samples
 never share a batch (a LLaVA forward takes either pixel values for every image placeholder or none at all).
+Candidate scoring runs each prompt once and its candidates on top of the prompt's KV cache in chunks of bounded size,
+so its memory does not grow with the number of candidates.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from mcit.data.collate import Encoder, PixelCache
 from mcit.data.records import Sample
 from mcit.errors import EvalError
+from mcit.methods.experts.rows import follow_rows
 from mcit.runtime.precision import autocast as autocast_for
 from mcit.runtime.precision import eval_mode
 
@@ -148,46 +152,92 @@ def _split(encoder: Encoder, sample: Sample, candidates: Sequence[str],
 
 
 def candidate_logprobs(model, encoder: Encoder, samples: Sequence[Sample], candidates: Sequence[Sequence[str]],
-                       pixels: PixelCache, *, batch_size: int = 64, autocast: torch.dtype | str | None = None,
-                       progress: str | None = None) -> list[list[float]]:
+                       pixels: PixelCache, *, batch_size: int = 64, chunk: int | None = None,
+                       autocast: torch.dtype | str | None = None, progress: str | None = None) -> list[list[float]]:
     """Summed log-probability of each candidate answer (its tokens and the end-of-turn token) given the prompt.
 
-    The prompt (image included) runs once per sample; its KV cache is then copied to one row per candidate and only
-    the candidate tokens run on top of it, so K candidates cost one prompt pass, not K. `batch_size` counts
-    sample x candidate pairs.
+    The prompt (image included) runs once per batch of samples, so K candidates cost one prompt pass, not K. Its KV
+    cache is then shared by the candidates, which run on top of it at most `chunk` rows (sample x candidate pairs)
+    at a time: each chunk gets a fresh cache holding copies of the prompt rows it continues, and drops it before the
+    next, so memory grows with `chunk`, not with the number of candidates (1000 ImageNet classes on a 7B model would
+    otherwise copy a 600-token prompt cache 1000 times). `batch_size` counts sample x candidate pairs: samples are
+    batched until their candidates reach it (a sample with more runs alone); `chunk` defaults to `batch_size`.
+    Scores do not depend on `batch_size` or `chunk`, up to float rounding.
     """
     if len(candidates) != len(samples):
         raise EvalError(f"candidate_logprobs: {len(samples)} samples but {len(candidates)} candidate lists")
+    chunk = batch_size if chunk is None else chunk
+    if chunk < 1:
+        raise EvalError(f"candidate_logprobs: chunk (default: batch_size) must be at least 1 candidate row, got {chunk}")
     split = [_split(encoder, s, c, i) for i, (s, c) in enumerate(zip(samples, candidates))]
     pad_id = _pad_id(encoder)
     device = next(model.parameters()).device
-    scores: list[list[float]] = [[] for _ in samples]
+    scores: list[list[float]] = [[0.0] * len(c) for c in candidates]
     batches = _batches(samples, [len(context) for context, _ in split], [len(c) for c in candidates], batch_size)
     with _inference(model), autocast_for(autocast, device):
         for batch in _progress(batches, progress):
-            prompt = _padded([split[i][0] for i in batch], pad_id, device, "left")
-            prompt.update(_images(samples, batch, pixels, device))
-            answers = _padded([cont for i in batch for cont in split[i][1]], pad_id, device, "right")
-            rows = [r for r, i in enumerate(batch) for _ in split[i][1]]  # the prompt row of each answer row
-            values = _continuation_logprobs(model, prompt, answers, torch.tensor(rows, device=device)).tolist()
-            for r, value in zip(rows, values, strict=True):
-                scores[batch[r]].append(value)
+            inputs = _padded([split[i][0] for i in batch], pad_id, device, "left")
+            inputs.update(_images(samples, batch, pixels, device))
+            prompt = _run_prompt(model, inputs)
+            # (prompt row, candidate) pairs, shortest continuation first, so a chunk carries little padding
+            pairs = sorted(((r, k) for r, i in enumerate(batch) for k in range(len(split[i][1]))),
+                           key=lambda pair: len(split[batch[pair[0]]][1][pair[1]]))
+            for start in range(0, len(pairs), chunk):
+                part = pairs[start:start + chunk]
+                answers = _padded([split[batch[r]][1][k] for r, k in part], pad_id, device, "right")
+                rows = torch.tensor([r for r, _ in part], device=device)
+                values = _continuation_logprobs(model, prompt, answers, rows).tolist()
+                for (r, k), value in zip(part, values, strict=True):
+                    scores[batch[r]][k] = value
     return scores
 
 
-def _continuation_logprobs(model, prompt: dict, answers: dict, rows: torch.Tensor) -> torch.Tensor:
-    """Summed log-probabilities of the right-padded `answers` after the left-padded `prompt` rows they index."""
-    mask = prompt["attention_mask"]
+@dataclasses.dataclass
+class _Prompt:
+    """A batch of left-padded prompts after their forward pass: what every chunk of candidates on top of it needs."""
+
+    cache: DynamicCache
+    """Keys and values of every prompt row; chunks read it and never append to it."""
+    mask: torch.Tensor
+    """The prompts' attention mask (rows x prompt width)."""
+    next_position: torch.Tensor
+    """Each row's position id for the first token after its prompt."""
+    first_logprobs: torch.Tensor
+    """Log-probabilities (rows x vocabulary, fp32) of the first token after each prompt."""
+
+
+def _run_prompt(model, inputs: dict) -> _Prompt:
+    mask = inputs["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives, so left padding shifts nothing
-    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    if not isinstance(out.cache, DynamicCache):
+        raise EvalError(f"candidate scoring needs the prompt pass to return a DynamicCache, got "
+                        f"{type(out.cache).__name__}")
+    return _Prompt(out.cache, mask, positions[:, -1:] + 1, out.logits[:, -1].float().log_softmax(-1))
+
+
+def _cache_rows(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:
+    """A new cache holding copies of `rows` of `cache` (a row may repeat): a forward on it appends to the copies,
+    so `cache` stays the prompt's alone. Routing weights riding on the prompt cache follow the rows."""
+    def select(states: torch.Tensor | None) -> torch.Tensor | None:
+        # (None: a layer that caches nothing; layers may sit on different devices when a model is split)
+        return None if states is None else states.index_select(0, rows.to(states.device))
+
+    # a generator: the cache is filled layer by layer, so at most one layer's selection is held twice
+    rows_cache = DynamicCache((select(keys), select(values), sliding) for keys, values, sliding in cache)
+    follow_rows(cache, rows_cache, rows)
+    return rows_cache
+
+
+def _continuation_logprobs(model, prompt: _Prompt, answers: dict, rows: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities of the right-padded `answers` after the prompt rows they index (`rows`)."""
     tokens, valid = answers["input_ids"], answers["attention_mask"]
-    total = out.logits[:, -1].float().log_softmax(-1)[rows].gather(1, tokens[:, :1]).squeeze(1)
+    total = prompt.first_logprobs[rows].gather(1, tokens[:, :1]).squeeze(1)
     if tokens.shape[1] > 1:
-        cache = out.past_key_values
-        cache.reorder_cache(rows)  # one copy of the prompt's keys/values per candidate
         steps = torch.arange(tokens.shape[1] - 1, device=tokens.device)
-        logits = model(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[rows], valid[:, :-1]], dim=1),
-                       position_ids=positions[rows, -1:] + 1 + steps, past_key_values=cache, use_cache=False).logits
+        logits = model(input_ids=tokens[:, :-1], attention_mask=torch.cat([prompt.mask[rows], valid[:, :-1]], dim=1),
+                       position_ids=prompt.next_position[rows] + steps, cache=_cache_rows(prompt.cache, rows),
+                       use_cache=False).logits
         picked = logits.float().log_softmax(-1).gather(2, tokens[:, 1:, None]).squeeze(2)
         total = total + (picked * valid[:, 1:]).sum(1)
     return total

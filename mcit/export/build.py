@@ -26,7 +26,7 @@ import yaml
 
 from mcit.errors import CheckpointError, McitError
 from mcit.export.adapter import write_adapter
-from mcit.export.modelcard import build_model_card, card_info, scrub
+from mcit.export.modelcard import build_model_card, card_info, model_prompt_format, scrub
 from mcit.export.stage import Stage
 from mcit.models.loading import DTYPES, load_base
 from mcit.runs import checkpoint as ckpt
@@ -149,7 +149,8 @@ def write_card(stage: Stage, out: Path, provenance: dict[str, Any], license: str
     merge = provenance.get("merge")
     info = card_info(stage.card_results(), base_model=provenance["base_model"], artifact=provenance["artifact"],
                      merge=merge["method"] if merge else None, hyperparameters=hyperparameters(stage),
-                     license=license or getattr(recipe, "license", None), repo_id=repo_id)
+                     license=license or getattr(recipe, "license", None), repo_id=repo_id,
+                     prompt_format=model_prompt_format(recipe.model))
     build_model_card(info).save(str(out / "README.md"))
 
 

@@ -7,7 +7,8 @@ dict that `build_model_card(info)` renders. Keys of `info`:
     matrix (list[list[float | None]], rows = stages, 0-100), metrics (dict: MFT, MFN, MAA, BWT, ...),
     artifact ("adapter" | "merged" | "full": a full fine-tune without LoRA | "experts": the routed expert set), merge (str | None, the merge algorithm when several task LoRAs were merged),
     hyperparameters (dict, flattened to dotted keys), license (str | None), scorers (dict task -> scorer name),
-    seed (int | None), repo_id (str | None)
+    seed (int | None), repo_id (str | None),
+    prompt_format (dict | None, from `prompt_format(processor)`: the base model's prompt format, shown in the card)
 
 License decision: a recipe without `license` gets `license: other` plus a warning and a sentence in the card. We do
 not default to apache-2.0 (the project's own license) because an adapter is a derivative of its base model, whose
@@ -29,8 +30,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from mcit.errors import McitError
+from mcit.data.collate import Encoder
+from mcit.data.records import IMAGE_PREFIX, Sample
+from mcit.errors import DataError, McitError, ModelError
 from mcit.evaluation.metrics import METRIC_MEANINGS
+from mcit.models.loading import load_processor
 
 TAGS = ["mcit", "continual-learning", "llava", "lora"]
 PIPELINE_TAG = "image-text-to-text"
@@ -52,6 +56,8 @@ _PATH_PATTERN = re.compile(
 _USER_AT_HOST = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\b")
 # Account names too generic to identify anyone, and too common as words to replace safely.
 _GENERIC_NAMES = {"root", "user", "admin", "ubuntu", "runner", "jovyan", "localhost", "mcit"}
+# The conversation the card's "Prompt format" section renders.
+EXAMPLE_TURN = (IMAGE_PREFIX + "What is the shape in the image?", "A red circle.")
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
@@ -77,6 +83,26 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     return text
 
 
+def prompt_format(processor) -> dict[str, Any]:
+    """The base model's prompt format, as training and evaluation build it (mcit.data.collate.Encoder: the
+    processor's chat template, BOS where the tokenizer adds one, every answer closed by EOS), for `card_info`."""
+    encoder = Encoder(processor)
+    conversation, prompt = encoder.readable(Sample("example", "example", "image", [EXAMPLE_TURN]))
+    return {"prompt": prompt, "conversation": conversation, "eos": encoder.eos_token,
+            "bos": encoder.prefix_text or None, "image_token": encoder.image_token,
+            "image_tokens": encoder.image_tokens}
+
+
+def model_prompt_format(model_config) -> dict[str, Any] | None:
+    """`prompt_format` of the processor of a recipe's `model` section; None (with a warning) where that processor
+    cannot be loaded here (a Hub base never downloaded on this machine): the card then goes without the section."""
+    try:
+        return prompt_format(load_processor(model_config))
+    except (ModelError, DataError) as exc:
+        warnings.warn(f"the model card has no 'Prompt format' section: {exc}", UserWarning, stacklevel=2)
+        return None
+
+
 def card_info(
     results: dict[str, Any],
     *,
@@ -88,6 +114,7 @@ def card_info(
     scorers: dict[str, str] | None = None,
     model_name: str | None = None,
     repo_id: str | None = None,
+    prompt_format: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the `info` dict for `build_model_card` from a results.json dict and recipe values."""
     for key in ("method", "tasks", "stages", "matrix"):
@@ -110,6 +137,7 @@ def card_info(
         "scorers": dict(scorers or {}),
         "seed": results.get("seed"),
         "repo_id": repo_id,
+        "prompt_format": prompt_format,
     }
 
 
@@ -234,6 +262,8 @@ def _body(info: dict[str, Any], license_id: str | None) -> str:
     if metrics:
         lines += ["", "| metric | value | meaning |", "|---|---:|---|"]
         lines += [f"| {k} | {_number(v)} | {METRIC_MEANINGS.get(k, '')} |" for k, v in metrics.items()]
+    if info.get("prompt_format"):
+        lines += ["", *_prompt_section(info["prompt_format"])]
     if artifact == "adapter" and _is_hub_id(base):
         repo = info.get("repo_id") or "<this-repo>"
         lines += [
@@ -270,6 +300,31 @@ def _body(info: dict[str, Any], license_id: str | None) -> str:
             "the base model's license."
         )
     return "\n".join(lines) + "\n"
+
+
+def _prompt_section(fmt: dict[str, Any]) -> list[str]:
+    eos, bos = fmt["eos"], fmt.get("bos")
+    added = (f" The tokenizer adds `{bos}` itself when the processor tokenizes the text "
+             "(`processor(text=..., images=...)`)." if bos else " Nothing comes before the text (no BOS).")
+    return [
+        "## Prompt format",
+        "",
+        "Training and evaluation used the base model's own prompt format: its processor's chat template "
+        "(`processor.apply_chat_template(messages, add_generation_prompt=True)`), special tokens as the model reads "
+        f"them.{added} `{fmt['image_token']}` stands for the {fmt['image_tokens']} placeholder tokens the processor "
+        "expands one image into. The prompt for an answer:",
+        "",
+        "```text",
+        fmt["prompt"],
+        "```",
+        "",
+        f"A trained example: the loss covers the answer and the `{eos}` that ends it, so generation stops at "
+        f"`{eos}`; in a conversation every answer ends with `{eos}`.",
+        "",
+        "```text",
+        fmt["conversation"],
+        "```",
+    ]
 
 
 def _is_hub_id(name: str) -> bool:

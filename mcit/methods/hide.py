@@ -182,7 +182,8 @@ class HiDeLLaVA(ExpertMethod):
                 pool = data.train[task]
                 rng = random.Random(f"{self.recipe.seed}:cka:{task}")
                 probe += rng.sample(pool, min(self.options.cka_samples, len(pool)))
-        encoder, pixels = Encoder(self.ctx.processor, self.recipe.train.max_length), PixelCache(self.ctx.processor)
+        encoder = Encoder(self.ctx.processor, self.recipe.train.max_length)
+        pixels = PixelCache.from_recipe(self.ctx.processor, self.recipe)
         pad = encoder.tokenizer.pad_token_id
 
         def batches():

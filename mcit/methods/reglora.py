@@ -144,6 +144,9 @@ class RegLoRA(SequentialLoRA):
             raise RecipeError(f"method.key_fraction: expected a share in (0, 1], got {options.key_fraction}")
         if options.reg_lambda < 0 or options.chunk < 1:
             raise RecipeError("method.reg_lambda must be >= 0 and method.chunk >= 1")
+        if recipe.model.load_in_4bit:
+            raise RecipeError("method.name: reglora merges every task's LoRA into the base weights, which 4-bit "
+                              "weights cannot hold exactly; set model.load_in_4bit: false")
         self.keys: dict[str, torch.Tensor] = {}
         self.merged_tasks = 0
         self._layers: dict[str, Any] = {}

@@ -8,7 +8,6 @@ One function per model family keeps a new family (Qwen2-VL, ...) to one small ad
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from mcit.config import ModelConfig
 from mcit.errors import ModelError
 from mcit.models.tiny import resolve_builtin
+from mcit.runtime.placement import compute_device, place_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,27 +42,34 @@ def resolve_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def attn_implementation(requested: str) -> str:
+def attn_implementation(requested: str, device: torch.device | None = None) -> str:
+    """The attention kernel for a model computing on `device` (default: this process's compute device)."""
+    on_gpu = (device or compute_device()).type == "cuda"
     if requested != "auto":
         if requested == "flash_attention_2":
-            if not torch.cuda.is_available():
+            if not on_gpu:
                 raise ModelError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; none is visible "
                                  "(use auto or sdpa)")
             if importlib.util.find_spec("flash_attn") is None:
                 raise ModelError("model.attn_implementation: flash_attention_2 requested but flash-attn is not "
                                  "installed (pip install 'mcit[gpu]', or use auto / sdpa)")
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if on_gpu and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
 
-def quantization_config(cfg: ModelConfig):
+def quantization_config(cfg: ModelConfig, device: torch.device | None = None):
     if not cfg.load_in_4bit:
         return None
-    if not torch.cuda.is_available():
+    if (device or compute_device()).type != "cuda":
         raise ModelError("model.load_in_4bit: 4-bit QLoRA runs on CUDA GPUs only (bitsandbytes); this machine has "
                          "none. Set model.load_in_4bit=false.")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ModelError("model.load_in_4bit: 4-bit base weights cannot be sharded by ZeRO-3; use train.deepspeed: "
+                         "zero2 (each GPU holds the 4-bit base) or load_in_4bit: false")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError("model.load_in_4bit: bitsandbytes is not installed (pip install 'mcit[gpu]')")
     from transformers import BitsAndBytesConfig
@@ -93,9 +100,12 @@ def load_processor(cfg: ModelConfig, path: str | None = None):
 
 
 def load_base(cfg: ModelConfig, path: str | None = None) -> tuple[Any, Any]:
-    """(model, processor) with the base weights frozen. `path` overrides `cfg.name_or_path` (a merged checkpoint)."""
+    """(model, processor) with the base weights frozen, on this process's compute device (`cuda:LOCAL_RANK`, the
+    current GPU, or the CPU; under ZeRO-3 DeepSpeed places the shards). `path` overrides `cfg.name_or_path` (a
+    merged checkpoint)."""
     import transformers
     from transformers import AutoConfig
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     path = path or resolve_path(cfg.name_or_path)
     try:
@@ -107,18 +117,26 @@ def load_base(cfg: ModelConfig, path: str | None = None) -> tuple[Any, Any]:
         raise ModelError(f"model.name_or_path: {path} is a {hf_config.model_type!r} model; supported families: "
                          f"{', '.join(FAMILIES)} (add one in mcit/models/loading.py FAMILIES)")
     model_cls = getattr(transformers, family[0])
+    device = compute_device()
     kwargs: dict[str, Any] = {
         "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
-        "dtype": DTYPES[cfg.dtype], "attn_implementation": attn_implementation(cfg.attn_implementation),
+        "dtype": DTYPES[cfg.dtype], "attn_implementation": attn_implementation(cfg.attn_implementation, device),
     }
-    quant = quantization_config(cfg)
+    quant = quantization_config(cfg, device)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if device.type == "cuda" and torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
+        kwargs["device_map"] = {"": device.index}  # weights load straight onto the GPU, not through host memory
     model = model_cls.from_pretrained(path, **kwargs)
+    model = place_model(model, device)
     processor = load_processor(cfg, path)
     model.requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    if quant is not None:  # QLoRA: PEFT's k-bit preparation (fp32 norms, input grads for checkpointing)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, processor

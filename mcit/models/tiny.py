@@ -100,8 +100,10 @@ def build_processor(out_dir: Path, spec: TinyLlavaSpec):
 
 
     train_tokenizer(out_dir, spec.vocab_size, corpus())
-    # from_pretrained converts the sentencepiece model (tokenizer.model in out_dir) into a fast tokenizer
-    tokenizer = LlamaTokenizer.from_pretrained(out_dir, pad_token="<pad>", add_bos_token=True)
+    # from_pretrained converts the sentencepiece model (tokenizer.model in out_dir) into a fast tokenizer. No BOS:
+    # the shipped base was pretrained on text without one (the Encoder adds what `tokenizer(text)` adds), so its
+    # tokenizer must not add one at inference either; the asset's tokenizer.json says the same.
+    tokenizer = LlamaTokenizer.from_pretrained(out_dir, pad_token="<pad>", add_bos_token=False, add_eos_token=False)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     # the PIL backend: the torchvision one would pull a second torch build for no gain at 48 px
     image_processor = CLIPImageProcessorPil(
@@ -180,8 +182,9 @@ def resolve_builtin(name: str) -> Path:
                 "`mcit train recipes/synthcit/pretrain-tiny.yaml` and `mcit export --full` into that folder")
         return ASSET_DIR
     if key == "tiny-llava-init":
-        # the tokenizer is trained on SynthCIT's text, so a new generator version gets a new init
-        path = cache_dir() / "models" / f"tiny-llava-init-v{VERSION}"
+        # the tokenizer is trained on SynthCIT's text, so a new generator version gets a new init; "-nobos": inits
+        # cached before the tokenizer stopped adding BOS would train a base in another format than the shipped one
+        path = cache_dir() / "models" / f"tiny-llava-init-v{VERSION}-nobos"
         if not (path / "config.json").exists():
             create_init(path)
         return path

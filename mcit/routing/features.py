@@ -99,7 +99,7 @@ class FeatureExtractor:
                                           options.text_encoder if options.features != "image" else None, device)
         else:
             self.impl = ModelFeatures(model, processor)
-        self.pixels = PixelCache(processor, keep=False)
+        self.pixels = PixelCache(processor, 0)  # each sample's image is read once
 
     @torch.no_grad()
     def __call__(self, samples: Sequence[Sample]) -> SampleFeatures:

@@ -3,7 +3,9 @@
 A checkpoint folder holds `model.safetensors` (the method's model tensors), `method.safetensors` + `method.json` (the
 method's own state), optionally `optimizer.safetensors` + `trainer.json` (mid-task step checkpoints) and, last,
 `MANIFEST.json` with the size and SHA-256 of every file. A folder without a valid manifest is half-written and never
-loaded. Nothing is pickled: optimizer state is flattened into safetensors with its structure in JSON.
+loaded. Nothing is pickled: optimizer state is flattened into safetensors with its structure in JSON. (One exception:
+a step checkpoint under DeepSpeed holds the engine's own files, `deepspeed/`, which are torch.save pickles; the loop
+loads them only from the run's own folder after `open_checkpoint` verified every file, mcit/train/loop.py.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from mcit.errors import CheckpointError
-from mcit.runtime import failpoints
+from mcit.runtime import dist, failpoints
 from mcit.runtime.files import fsync_dir, save_tensors, sha256, temporary_sibling, write_json_atomic
 
 MANIFEST = "MANIFEST.json"
@@ -32,14 +34,23 @@ class CheckpointWriter:
     same name where it was, and raises one CheckpointError saying so.
     """
 
-    def __init__(self, final: Path):
+    def __init__(self, final: Path, *, collective: bool = False):
+        """With `collective` (a collective call under DeepSpeed: every rank constructs it), all ranks write into rank
+        0's temporary folder, and `commit()`, also collective, waits until every rank has written its files before
+        rank 0 lists them in the manifest and publishes the folder. The ranks must share a filesystem."""
         self.final = Path(final)
+        self.collective = collective and dist.is_distributed()
         self.tmp = temporary_sibling(self.final)
+        if self.collective:  # the name rank 0's temporary_sibling gives, so that every rank writes into one folder
+            self.tmp = self.final.with_name(f".{self.final.name}.tmp-{_main_pid()}")
         self._old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-        with self.guard():
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir(parents=True)
+        if dist.is_main() or not self.collective:
+            with self.guard():
+                if self.tmp.exists():
+                    shutil.rmtree(self.tmp)
+                self.tmp.mkdir(parents=True)
+        if self.collective:
+            dist.barrier()
 
     def tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         with self.guard():
@@ -50,6 +61,17 @@ class CheckpointWriter:
             (self.tmp / name).write_text(json.dumps(data, indent=2), encoding="utf-8")
 
     def commit(self) -> Path:
+        if self.collective:
+            dist.barrier()  # every rank's files are written: only now may rank 0 hash them and publish
+            if not dist.is_main():
+                dist.barrier()
+                return self.final
+        self._publish()
+        if self.collective:
+            dist.barrier()  # no rank goes on (and may be killed) before the checkpoint is in place
+        return self.final
+
+    def _publish(self) -> None:
         with self.guard():
             files = {}
             for path in sorted(self.tmp.rglob("*")):
@@ -65,7 +87,6 @@ class CheckpointWriter:
             os.replace(self.tmp, self.final)
             fsync_dir(self.final.parent)
         shutil.rmtree(self._old, ignore_errors=True)
-        return self.final
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
@@ -80,6 +101,13 @@ class CheckpointWriter:
                 f"could not write checkpoint {self.final} ({exc.strerror or exc}); nothing was replaced and the "
                 "previous checkpoints are intact: free disk space (or fix permissions) and run the same command "
                 "again to resume") from exc
+
+
+def _main_pid() -> int:
+    """Rank 0's process id, on every rank (collective; sent as a tensor, not a pickled object)."""
+    pid = torch.tensor([os.getpid()], dtype=torch.int64, device=dist.collective_device())
+    torch.distributed.broadcast(pid, src=0)
+    return int(pid.item())
 
 
 def _damaged(folder: Path, problem: str) -> CheckpointError:

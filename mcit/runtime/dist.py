@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -75,6 +76,17 @@ def mean_across_ranks(value: float) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(tensor)
     return float(tensor.item()) / torch.distributed.get_world_size()
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable Python data, never tensors of a model), in rank order, on every rank
+    (collective; `[value]` when not distributed). The objects travel through the backend's device (NCCL: this
+    rank's GPU)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def _timeout() -> timedelta:

@@ -52,7 +52,7 @@ def build_ds_config(
 ) -> dict:
     """Return a DeepSpeed config with every `"auto"` of `template` replaced by the recipe's value.
 
-    `template` is a JSON file (launch/zero2.json, ...), a dict, or None for a minimal config. `zero_stage` (when not
+    `template` is a JSON file (mcit/assets/launch/zero2.json, ...), a dict, or None for a minimal config. `zero_stage` (when not
     None) overrides the template's stage. A value in the template that is not "auto" and disagrees with the recipe is
     an error, so a run never trains with numbers other than those its recipe.yaml records. The train batch is
     `micro_batch * grad_accum * world_size()` (world size from the launcher's environment). The bucket sizes that
@@ -68,7 +68,7 @@ def build_ds_config(
     else:
         path = Path(template)
         if not path.is_file():
-            raise RecipeError(f"DeepSpeed config {path} does not exist (set train.deepspeed to a launch/*.json file)")
+            raise RecipeError(f"DeepSpeed config {path} does not exist (set train.deepspeed to zero2 | zero3 | zero3_offload or a JSON file)")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as err:

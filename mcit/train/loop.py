@@ -1,10 +1,16 @@
 """Train one stage: length-grouped micro-batches, gradient accumulation, cosine schedule with warmup, clipping,
 step checkpoints for resume. Plain PyTorch in one process; a DeepSpeed engine when launched with `deepspeed`.
+
+A step checkpoint (`checkpoints/last-step`) resumes the stage only where its trainer.json matches this stage exactly
+(stage, number of steps, world size, ZeRO stage, DeepSpeed or not); anything else restarts the stage from step 0.
+Under DeepSpeed the engine saves its own state (module, ZeRO optimizer shards, schedule) into `deepspeed/`; mcit adds
+trainer.json, each rank's RNG state and the method's tensors, and the folder is published only once every rank wrote.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +32,11 @@ from mcit.train.frozen_cast import FrozenLinearCast
 from mcit.train.optimizer_state import optimizer_from_tensors, optimizer_to_tensors
 from mcit.train.schedule import cosine_lambda, plan_stage
 
+STEP_META = "trainer.json"
+DEEPSPEED_DIR = "deepspeed"
+"""The engine's own files inside a step checkpoint (`deepspeed/step/...`: torch.save pickles, see `_resume`)."""
+DEEPSPEED_TAG = "step"
+
 
 class StageTrainer:
     """Runs the optimizer steps of one stage and writes step checkpoints the runner can resume from."""
@@ -43,6 +54,8 @@ class StageTrainer:
         self.plan = plan_stage([len(e) for e in encoded], self.train, recipe.seed, stage)
         self.device = module_device(model)
         """Where batches go (collate builds them on the CPU); the engine's device once DeepSpeed wraps the model."""
+        self.resumed_losses: list[float] = []
+        """The losses of the steps before the resume that the next `train` log line still averages over."""
 
     # --- optimizer -------------------------------------------------------------------------------------------------
     def _build(self):
@@ -55,35 +68,72 @@ class StageTrainer:
         return None, optimizer, scheduler
 
     # --- resume ----------------------------------------------------------------------------------------------------
-    def _resume(self, optimizer, scheduler) -> int:
+    def _identity(self) -> dict[str, Any]:
+        """What a step checkpoint must match to be resumed: the same stage, plan length and the same sharding."""
+        return {"stage": self.stage, "steps": self.plan.steps, "world_size": dist.world_size(),
+                "deepspeed": self.ds_config is not None, "zero_stage": ds.zero_stage_of(self.ds_config)}
+
+    def _resume(self, optimizer, scheduler, engine=None) -> int:
         folder = self.step_dir
-        if self.ds_config is not None or not ckpt.is_complete(folder):
+        if not ckpt.is_complete(folder):
             return 0
-        meta = json.loads((folder / "trainer.json").read_text())
-        if meta.get("stage") != self.stage or meta.get("steps") != self.plan.steps:
+        meta = json.loads((folder / STEP_META).read_text())
+        saved = {**{"world_size": 1, "deepspeed": False, "zero_stage": 0}, **meta}  # written before these keys
+        identity = self._identity()
+        if any(saved.get(key) != value for key, value in identity.items()):
+            if dist.is_main() and saved.get("stage") == self.stage:
+                print(f"[mcit] {folder} was written with " + ", ".join(f"{k}={saved.get(k)}" for k in identity)
+                      + " and cannot resume this stage (" + ", ".join(f"{k}={v}" for k, v in identity.items())
+                      + "): training it from step 0", file=sys.stderr)
             return 0
-        ckpt.open_checkpoint(folder)
-        tensors = load_tensors(folder / "model.safetensors")
-        self.model.load_state_dict(tensors, strict=False)
-        optimizer_from_tensors(optimizer, load_tensors(folder / "optimizer.safetensors"), meta["optimizer"])
-        scheduler.load_state_dict(meta["scheduler"])
-        set_rng_state(load_tensors(folder / "rng.safetensors"))
-        extra = load_tensors(folder / "method.safetensors")
-        self.method.load_state(meta.get("method", {}), extra)
+        ckpt.open_checkpoint(folder)  # sizes and SHA-256 of every file, DeepSpeed's included, before anything loads
+        if engine is not None:
+            # DeepSpeed's files are torch.save pickles, and its checkpoint engine reads them with
+            # torch.load(weights_only=False) (deepspeed 0.19.8, TorchCheckpointEngine.load). mcit loads them only from
+            # this run's own step folder, which an earlier job of the same recipe wrote, and only after open_checkpoint
+            # matched every file with the SHA-256 in the manifest: a file swapped or damaged since then is refused.
+            # Nothing else in mcit unpickles (docs/RELIABILITY.md, "Step checkpoints under DeepSpeed").
+            # Frozen weights are not in the checkpoint (exclude_frozen_parameters): the runner rebuilt them already.
+            engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+            set_rng_state(load_tensors(folder / f"rng-rank{dist.rank()}.safetensors"))
+        else:
+            tensors = load_tensors(folder / "model.safetensors")
+            self.model.load_state_dict(tensors, strict=False)
+            optimizer_from_tensors(optimizer, load_tensors(folder / "optimizer.safetensors"), meta["optimizer"])
+            scheduler.load_state_dict(meta["scheduler"])
+            set_rng_state(load_tensors(folder / "rng.safetensors"))
+        self.method.load_state(meta.get("method", {}), load_tensors(folder / "method.safetensors"))
+        self.resumed_losses = [float(x) for x in meta.get("losses", [])]
         return int(meta["step"])
 
-    def _save_step(self, step: int, optimizer, scheduler) -> None:
-        if self.ds_config is not None:
-            return  # DeepSpeed optimizer state would need its pickle-based checkpoints: resume per stage instead
+    def _save_step(self, step: int, optimizer, scheduler, engine=None, losses: list[float] | None = None) -> None:
+        meta = {**self._identity(), "step": step, "method": self.method.state(),
+                "losses": (losses or [])[-self.train.log_steps:]}  # the window the next log line averages
+        if engine is not None:
+            self._save_engine_step(engine, meta)
+            return
         writer = ckpt.CheckpointWriter(self.step_dir)
         writer.tensors("model.safetensors", self.method.state_tensors(self.model))
         tensors, layout = optimizer_to_tensors(optimizer)
         writer.tensors("optimizer.safetensors", tensors)
         writer.tensors("rng.safetensors", rng_state())
         writer.tensors("method.safetensors", self.method.method_tensors())
-        writer.json("trainer.json", {"stage": self.stage, "step": step, "steps": self.plan.steps,
-                                     "optimizer": layout, "scheduler": scheduler.state_dict(),
-                                     "method": self.method.state()})
+        writer.json(STEP_META, {**meta, "optimizer": layout, "scheduler": scheduler.state_dict()})
+        writer.commit()
+
+    def _save_engine_step(self, engine, meta: dict[str, Any]) -> None:
+        """The step checkpoint under DeepSpeed (collective: every rank calls it). The engine writes its module
+        (trainable tensors only), each rank's ZeRO optimizer shard and the schedule; every rank adds its RNG state,
+        rank 0 trainer.json and the method's tensors; rank 0 publishes the folder once every rank is done."""
+        writer = ckpt.CheckpointWriter(self.step_dir, collective=True)
+        writer.tensors(f"rng-rank{dist.rank()}.safetensors", rng_state())
+        with writer.guard():
+            engine.save_checkpoint(str(writer.tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+                                   exclude_frozen_parameters=True)
+        if dist.is_main():
+            writer.tensors("method.safetensors", self.method.method_tensors())
+            writer.json(STEP_META, meta)
         writer.commit()
 
     # --- loop ------------------------------------------------------------------------------------------------------
@@ -97,7 +147,7 @@ class StageTrainer:
         engine, optimizer, scheduler = self._build()
         if engine is not None:
             self.device = engine.device
-        start = self._resume(optimizer, scheduler)
+        start = self._resume(optimizer, scheduler, engine)
         model = engine if engine is not None else self.model
         model.train()
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -120,7 +170,7 @@ class StageTrainer:
 
     def _steps(self, model, engine, optimizer, scheduler, params, start: int, bar, cast: FrozenLinearCast):
         tc = self.train
-        t0, seen, losses = time.time(), 0, []
+        t0, seen, losses = time.time(), 0, list(self.resumed_losses)
         for step in range(start, self.plan.steps):
             step_loss = 0.0
             for micro in range(self.plan.grad_accum):
@@ -158,7 +208,7 @@ class StageTrainer:
                           "lr": lr, "samples_per_s": round(seen / max(1e-9, time.time() - t0), 2)})
             if tc.save_steps and done % tc.save_steps == 0 and done < self.plan.steps:
                 cast.restore()
-                self._save_step(done, optimizer, scheduler)
+                self._save_step(done, optimizer, scheduler, engine, losses)
                 cast.apply()
             failpoints.hit("train.step")
         return losses, seen, time.time() - t0

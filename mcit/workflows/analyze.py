@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from mcit.analysis.cka import CKAResult, choose_expand_layers, collect_layer_features, layerwise_cka, plot_cka
-from mcit.config import load_recipe, recipe_from_dict
-from mcit.data.collate import Encoder, PixelCache, collate
+from mcit.config import BenchmarkConfig, load_recipe, recipe_from_dict
+from mcit.data.collate import MIB, Encoder, PixelCache, collate
 from mcit.data.records import Sample
 from mcit.errors import EvalError
 from mcit.runs.folder import RunFolder, has_stage_state, parse_stage_folder
@@ -95,14 +95,15 @@ def _batches(samples: Sequence[Sample], indices: Sequence[int], encoder, pixels,
 
 
 def probe_features(model, processor, method, samples: Sequence[Sample], *, batch_size: int = 16,
-                   max_length: int = 512, autocast: str | None = None) -> dict[int, torch.Tensor]:
+                   max_length: int | None = None, autocast: str | None = None,
+                   image_cache_mb: int = BenchmarkConfig.image_cache_mb) -> dict[int, torch.Tensor]:
     """Token-averaged down_proj outputs of every LM layer, one row per probe sample, in probe order.
 
     Samples go through the method's evaluation groups, so a routing method runs each sample with the expert it would
     use at inference; rows are put back in probe order afterwards.
     """
     encoder = Encoder(processor, max_length)
-    pixels = PixelCache(processor)
+    pixels = PixelCache(processor, image_cache_mb * MIB)
     pad_id = processor.tokenizer.pad_token_id
     device = next(model.parameters()).device
     features: dict[int, torch.Tensor] = {}
@@ -160,12 +161,13 @@ def run_cka(args: argparse.Namespace) -> int:
     for label, checkpoint in zip(labels, checkpoints):
         # A fresh recipe per checkpoint: load_checkpoint edits the recipe it is given.
         recipe = load_recipe(args.recipe, settings_only=True) if args.recipe else None
-        model, processor, method, _ = load_checkpoint(checkpoint, recipe)
+        model, processor, method, used = load_checkpoint(checkpoint, recipe)
         if getattr(model, "hf_quantizer", None) is None:
             model.to(device)
         print(f"{label}: {checkpoint}", flush=True)
         features[label] = probe_features(model, processor, method, probe, batch_size=args.batch_size,
-                                         max_length=args.max_length, autocast=autocast)
+                                         max_length=args.max_length, autocast=autocast,
+                                         image_cache_mb=used.benchmark.image_cache_mb)
         del model, processor, method  # one model in memory at a time
         gc.collect()
         if device.type == "cuda":

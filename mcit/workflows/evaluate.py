@@ -41,7 +41,8 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
     encoder = Encoder(processor, recipe.train.max_length)
     out = Path(output_dir) if output_dir else default_output(Path(checkpoint), card.name)
     out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate_tasks(model, method, encoder, PixelCache(processor), card.tasks, test, batch_size=batch_size,
+    pixels = PixelCache.from_recipe(processor, recipe)
+    rows = evaluate_tasks(model, method, encoder, pixels, card.tasks, test, batch_size=batch_size,
                           max_new_tokens=recipe.eval.max_new_tokens, autocast=recipe.model.autocast,
                           constrained=constrained, predictions_dir=out / "predictions",
                           log=lambda r: print(json.dumps(r), file=sys.stderr))

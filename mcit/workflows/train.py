@@ -33,6 +33,7 @@ from mcit.runs.folder import RunFolder
 from mcit.runs.log import RunLog
 from mcit.runs.results import empty_results, set_row
 from mcit.runtime import dist, zero
+from mcit.runtime.placement import module_device
 from mcit.runtime.seeding import seed_everything
 from mcit.train import deepspeed as ds
 from mcit.train.loop import StageTrainer
@@ -89,17 +90,27 @@ def stage_settings(method: Method, recipe: Recipe, stage: int, task_ids: list[in
     return dataclasses.replace(recipe.train, **overrides) if overrides else recipe.train
 
 
+def deepspeed_template(value: str) -> Path:
+    """The JSON file `train.deepspeed` names: a shipped template (zero2 | zero3 | zero3_offload, package data in
+    mcit/assets/launch/, so it exists in any install) or a path to the user's own file."""
+    if value in DEEPSPEED_TEMPLATES:
+        return Path(str(files("mcit") / "assets" / "launch" / f"{value}.json"))
+    path = Path(value).expanduser()
+    if not path.is_file():
+        hint = ""
+        if Path(value).stem in DEEPSPEED_TEMPLATES:  # the templates lived in launch/ before they became package data
+            hint = f"; the shipped template is named without a path: train.deepspeed={Path(value).stem}"
+        raise RecipeError(f"train.deepspeed: {value!r} is neither a shipped template "
+                          f"({' | '.join(DEEPSPEED_TEMPLATES)}) nor an existing JSON file{hint}")
+    return path
+
+
 def deepspeed_config(recipe: Recipe) -> dict | None:
     """The filled DeepSpeed config of a launched run (None in a plain process)."""
     if not dist.is_distributed() and not dist.launched():
         return None
     tc = recipe.train
-    name = tc.deepspeed or "zero2"
-    template = name
-    if name in DEEPSPEED_TEMPLATES:
-        template = str(Path(__file__).resolve().parents[2] / "launch" / f"{name}.json")
-        if not Path(template).is_file():  # an installed package: the copy shipped inside it
-            template = str(files("mcit") / "assets" / "launch" / f"{name}.json")
+    template = deepspeed_template(tc.deepspeed or "zero2")
     return ds.build_ds_config(template, micro_batch=tc.batch_size, grad_accum=tc.grad_accum, lr=tc.lr,
                               weight_decay=tc.weight_decay, grad_clip=tc.max_grad_norm,
                               bf16=recipe.model.dtype == "bf16", zero_stage=None)
@@ -136,6 +147,7 @@ class ContinualRunner:
         self.recipe = recipe
         self.run_folder = RunFolder(recipe.output_dir)
         self.out = self.run_folder.root
+        self.shard_eval = False
 
     def run(self) -> Path:
         recipe, folder = self.recipe, self.run_folder
@@ -148,11 +160,15 @@ class ContinualRunner:
         method = build_method(recipe)
         ds_config = deepspeed_config(recipe)
         model, processor = build_model(recipe, ds_config)
+        # Ranks split the test samples, unless ZeRO-3 shards the weights: then every forward pass is collective, and
+        # every rank evaluates every sample inside one gather of the full weights.
+        self.shard_eval = ds.zero_stage_of(ds_config) < 3
         base_params = list(model.parameters())
+        log({"event": "device", "device": str(module_device(model)), "world_size": dist.world_size()})
         log({"event": "zero", "stage": ds.zero_stage_of(ds_config), "parameters": len(base_params),
              "partitioned_parameters": sum(zero.is_sharded(p) for p in base_params)})
         encoder = Encoder(processor, recipe.train.max_length)
-        pixels = PixelCache(processor)
+        pixels = PixelCache.from_recipe(processor, recipe)
         model = attach_method(method, model, processor, recipe, data, output_dir=self.out)
         log({"event": "model", **trainable_summary(model)})
         schedule = method.schedule(len(data.names))
@@ -214,7 +230,7 @@ class ContinualRunner:
                 model, method, encoder, pixels, card.tasks, data.test, batch_size=ev.batch_size,
                 max_new_tokens=ev.max_new_tokens, autocast=self.recipe.model.autocast, constrained=ev.constrained,
                 predictions_dir=self.run_folder.predictions_dir(row) if dist.is_main() else None,
-                log=lambda r: log({**r, "stage": row}))
+                log=lambda r: log({**r, "stage": row}), shard=self.shard_eval)
         set_row(results, row, task_results, method.routing_report())
         self.run_folder.record_timing("eval", label, {r.task: r.seconds for r in task_results})
         self.run_folder.write_results(results)

@@ -11,7 +11,7 @@ from argparse import Namespace
 
 import pytest
 
-from bench import eval_speed, report, router_speed, train_speed
+from bench import eval_speed, image_cache, report, router_speed, train_speed
 
 pytestmark = pytest.mark.slow
 
@@ -127,3 +127,19 @@ def test_report_renders_stored_parts(tmp_path):
     assert "Width 1024: worst routed / merged ratio **1.05×** (goal ≤ 1.1×: met)" in text
     assert "| 1024 | disco | 6 | 1050.00 | 0.000 | 1.05 |" in text and "| 1.050 |" in text
     assert "## 6. Quality" in text and "Not run." in text
+
+
+def test_image_cache_stays_in_its_budget_and_renders(tmp_path):
+    one = 3 * 336 * 336 * 4  # fp32 pixels of one 336-px image
+    args = Namespace(images=40, batch=16, budget_mb=3, source="64x48", every=1, out=None)
+    bounded = image_cache.run(args)
+    assert bounded["image_bytes"] == one and bounded["cache"]["entries"] == 3 * 2**20 // one == 2
+    assert bounded["cache"]["held_bytes"] == bounded["cache"]["bytes_used"] <= 3 * 2**20
+    assert bounded["cache"]["misses"] == 40 and bounded["cache"]["evictions"] == 38
+    unbounded = image_cache.run(Namespace(**{**vars(args), "budget_mb": -1}))
+    assert unbounded["budget_mb"] is None and unbounded["cache"]["entries"] == 40
+    ext = {"method": "line", "images": 40_000, "mib_per_image": 1.3, "rss_mib": 52_000}
+    (tmp_path / "image_cache.json").write_text(json.dumps({"bounded": bounded, "unbounded": unbounded,
+                                                           "extrapolation": ext}))
+    text = report.write_report(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
+    assert "## 7. Image cache" in text and "| unbounded, **extrapolated** (not measured) | 40,000 |" in text

@@ -166,7 +166,7 @@ def run_zero(
     parts = GLOBAL_BATCH // MICRO_BATCH
     accum = parts // dist.world_size()
     ds_config = ds.build_ds_config(
-        ROOT / "launch" / f"zero{name}.json", micro_batch=MICRO_BATCH, grad_accum=accum, lr=LR,
+        ROOT / "mcit" / "assets" / "launch" / f"zero{name}.json", micro_batch=MICRO_BATCH, grad_accum=accum, lr=LR,
         weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, bf16=bf16, zero_stage=stage, hidden_size=256,
     )
     folder = out / f"zero{name}{'-bf16' if bf16 else ''}"
@@ -257,7 +257,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--stages", default="2,3", help="launch/zero<NAME>.json templates: 2, 3, 3_offload")
+    parser.add_argument("--stages", default="2,3", help="mcit/assets/launch/zero<NAME>.json templates: 2, 3, 3_offload")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--crash-rank", type=int, default=None)
     parser.add_argument("--crash-step", type=int, default=3)

@@ -36,7 +36,7 @@ STEPS = 20
 def test_build_ds_config_fills_auto_from_the_recipe(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = ds.build_ds_config(
-        ROOT / "launch" / "zero3.json", micro_batch=2, grad_accum=4, lr=1e-4, weight_decay=0.0, grad_clip=0.5,
+        ROOT / "mcit" / "assets" / "launch" / "zero3.json", micro_batch=2, grad_accum=4, lr=1e-4, weight_decay=0.0, grad_clip=0.5,
         bf16=True, zero_stage=None, hidden_size=256,
     )
     assert config["train_batch_size"] == 16 and config["gradient_accumulation_steps"] == 4
@@ -49,7 +49,7 @@ def test_build_ds_config_fills_auto_from_the_recipe(monkeypatch) -> None:
 
 def test_build_ds_config_stage_override_drops_stage3_keys() -> None:
     config = ds.build_ds_config(
-        ROOT / "launch" / "zero3.json", micro_batch=1, grad_accum=1, lr=1e-4, weight_decay=0.0, grad_clip=1.0,
+        ROOT / "mcit" / "assets" / "launch" / "zero3.json", micro_batch=1, grad_accum=1, lr=1e-4, weight_decay=0.0, grad_clip=1.0,
         bf16=False, zero_stage=2, hidden_size=None,
     )
     assert ds.zero_stage_of(config) == 2 and "reduce_bucket_size" not in config["zero_optimization"]
@@ -72,7 +72,7 @@ def test_build_ds_config_rejects_values_that_disagree_with_the_recipe() -> None:
 def test_hf_deepspeed_context_is_scoped() -> None:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    config = ds.build_ds_config(ROOT / "launch" / "zero3.json", micro_batch=1, grad_accum=1, lr=1e-4,
+    config = ds.build_ds_config(ROOT / "mcit" / "assets" / "launch" / "zero3.json", micro_batch=1, grad_accum=1, lr=1e-4,
                                   weight_decay=0.0, grad_clip=1.0, bf16=False, zero_stage=None)
     with ds.hf_deepspeed_context(config):
         assert is_deepspeed_zero3_enabled()

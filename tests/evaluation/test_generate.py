@@ -233,3 +233,64 @@ def test_a_peft_wrapped_model_gives_the_bare_model_answers(tiny):
     bare = candidate_logprobs(tiny.model, tiny.encoder, samples, candidates, tiny.pixels)
     for got, want in zip(wrapped, bare):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_candidate_scores_do_not_depend_on_the_chunk_size(tiny):
+    """Candidates run on a shared prompt cache `chunk` rows at a time; any chunking (one row, rows of several
+    samples mixed, everything at once) gives the scores of one unpadded forward per candidate."""
+    samples = [tiny.samples[0], tiny.samples[2], SHORT, LONG]  # two image samples, two text-only ones
+    candidates = [["circle", "a small red square in the middle", "7", "triangle"],
+                  ["B", "there are two blue objects and one green one.", "none"],
+                  ["yes", "no", "hello there, how are you today?"], ["red, blue and green", "circle"]]
+    expected = [[direct_logprob(tiny, s, c) for c in cands] for s, cands in zip(samples, candidates)]
+    for batch_size, chunk in ((64, 1), (64, 3), (64, 1000), (5, 2), (1, None)):
+        got = candidate_logprobs(tiny.model, tiny.encoder, samples, candidates, tiny.pixels, batch_size=batch_size,
+                                 chunk=chunk)
+        assert [len(row) for row in got] == [len(c) for c in candidates]
+        for row, want in zip(got, expected):
+            assert row == pytest.approx(want, abs=1e-4), (batch_size, chunk)
+
+
+@contextlib.contextmanager
+def spy_forward(model):
+    """Record (kwargs, output) of every forward call of `model`."""
+    calls = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append((kwargs, out))
+        return out
+
+    model.forward = spy
+    try:
+        yield calls
+    finally:
+        del model.forward
+
+
+def test_candidate_rows_per_forward_stay_within_the_chunk(tiny):
+    """50 candidates, chunk 7: the prompt runs once, no forward carries more than 7 candidate rows, every candidate
+    runs exactly once, each chunk gets its own cache and the prompt's cache is never appended to."""
+    sample = tiny.samples[0]
+    candidates = [" ".join(["red"] * (k % 4) + [f"shape {k}"]) for k in range(50)]
+    with spy_forward(tiny.model) as calls:
+        chunked = candidate_logprobs(tiny.model, tiny.encoder, [sample], [candidates], tiny.pixels, chunk=7)[0]
+    prompt_calls = [(kw, out) for kw, out in calls if kw.get("cache") is None]
+    chunk_calls = [kw for kw, _ in calls if kw.get("cache") is not None]
+    assert len(prompt_calls) == 1 and "pixel_values" in prompt_calls[0][0]
+    (prompt_kwargs, prompt_out), = prompt_calls
+    prompt_cache = prompt_out.cache
+    assert prompt_cache.get_seq_length() == prompt_kwargs["input_ids"].shape[1]  # nothing appended by the chunks
+    rows = [kw["input_ids"].shape[0] for kw in chunk_calls]
+    assert max(rows) <= 7 and sum(rows) == 50 and len(rows) == 8
+    assert all(kw["cache"] is not prompt_cache for kw in chunk_calls)
+    assert len({id(kw["cache"]) for kw in chunk_calls}) == len(chunk_calls)
+    at_once = candidate_logprobs(tiny.model, tiny.encoder, [sample], [candidates], tiny.pixels, chunk=50)[0]
+    assert chunked == pytest.approx(at_once, abs=1e-4)
+    assert len(set(chunked)) > 40  # the scores really differ per candidate, so a mix-up of the order would show
+
+
+def test_a_chunk_below_one_row_is_refused(tiny):
+    with pytest.raises(EvalError, match="chunk .* must be at least 1 candidate row, got 0"):
+        candidate_logprobs(tiny.model, tiny.encoder, [SHORT], [["yes"]], tiny.pixels, chunk=0)

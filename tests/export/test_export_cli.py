@@ -218,6 +218,8 @@ def test_cli_export_and_push_in_a_fresh_process_matches_the_in_run_model(lora_ru
     card = (out / "README.md").read_text()
     assert "| mc-color | 60.00 | 90.00 |" in card and "license: apache-2.0" in card
     assert "library_name: peft" in card and "shape → mc-color" in card
+    # the tiny base's own format (no BOS, its template closes answers with </s>), rendered from its processor
+    assert "## Prompt format" in card and "ASSISTANT: A red circle.</s>\n```" in card and "<s>USER" not in card
     recipe_text = (out / "recipe.yaml").read_text()
     assert "lora_ft" in recipe_text
     for text in (card, recipe_text, (out / "PROVENANCE.json").read_text()):

@@ -1,13 +1,17 @@
 """Model cards: metadata, eval results, the accuracy table, license policy, and scrubbing of local details."""
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
+from transformers import AutoProcessor
 
-from mcit.errors import McitError
+from mcit.errors import McitError, ModelError
 from mcit.export import modelcard
-from mcit.export.modelcard import accuracy_table, build_model_card, card_info, scrub
+from mcit.export.modelcard import accuracy_table, build_model_card, card_info, prompt_format, scrub
+from mcit.models.tiny import ASSET_DIR
 
 RESULTS = {
     "recipe": "synthcit-lora_ft",
@@ -150,3 +154,42 @@ def test_card_saves_and_loads(tmp_path):
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.to_dict() == card.data.to_dict()
+
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "fixtures" / "llava-1.5-7b-hf" / "chat_template.json"
+
+
+def test_card_shows_the_base_models_prompt_format_with_bos_and_eos_spelled_out():
+    """llava-1.5-7b-hf's chat template on a LLaMA-style tokenizer that adds BOS (the tiny base's, told to)."""
+    processor = AutoProcessor.from_pretrained(ASSET_DIR)
+    processor.chat_template = json.loads(TEMPLATE.read_text())["chat_template"]
+    processor.tokenizer.add_bos_token = True
+    fmt = prompt_format(processor)
+    assert fmt["prompt"] == "<s>USER: <image>\nWhat is the shape in the image? ASSISTANT:"
+    assert fmt["conversation"] == "<s>USER: <image>\nWhat is the shape in the image? ASSISTANT: A red circle.</s>"
+    text = build_model_card(make_info(prompt_format=fmt)).text
+    section = text[text.index("## Prompt format"):]
+    assert "```text\n" + fmt["prompt"] + "\n```" in section
+    assert "```text\n" + fmt["conversation"] + "\n```" in section
+    assert "adds `<s>` itself" in section and "stops at `</s>`" in section
+    assert "36 placeholder tokens" in section
+
+
+def test_card_of_the_tiny_base_shows_no_bos_and_a_single_eos():
+    fmt = prompt_format(AutoProcessor.from_pretrained(ASSET_DIR))
+    assert fmt["bos"] is None and not fmt["prompt"].startswith("<s>")
+    assert fmt["conversation"].endswith("A red circle.</s>") and fmt["conversation"].count("</s>") == 1
+    assert "no BOS" in build_model_card(make_info(prompt_format=fmt)).text
+
+
+def test_card_without_a_prompt_format_has_no_section():
+    assert "## Prompt format" not in build_model_card(make_info()).text
+
+
+def test_unloadable_processor_leaves_the_section_out_with_a_warning(monkeypatch):
+    def offline(cfg):
+        raise ModelError("could not find 'org/model' locally")
+
+    monkeypatch.setattr(modelcard, "load_processor", offline)
+    with pytest.warns(UserWarning, match="no 'Prompt format' section"):
+        assert modelcard.model_prompt_format(object()) is None

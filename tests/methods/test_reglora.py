@@ -203,7 +203,7 @@ def test_two_process_zero3_run_with_really_sharded_lora(tmp_path, synthcit_root)
     import sys
     from pathlib import Path
 
-    template = json.loads((Path(__file__).resolve().parents[2] / "launch" / "zero3.json").read_text())
+    template = json.loads((Path(__file__).resolve().parents[2] / "mcit" / "assets" / "launch" / "zero3.json").read_text())
     template["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3-sharded.json").write_text(json.dumps(template))
     out = tmp_path / "out"

@@ -16,6 +16,7 @@ from mcit.methods.experts.rows import RoutedContext, SampleRouting
 from mcit.methods.lora import add_lora, set_lora_trainable
 from mcit.routing.prototypes import check_router_options
 from mcit.routing.router import PrototypeRouter
+from mcit.runtime import dist
 from mcit.runtime.zero import full_shape
 
 
@@ -127,6 +128,9 @@ class ExpertMethod(Method):
         raw true-task x expert counts.
         """
         self.router.reset()
+        if dist.is_distributed():  # sharded evaluation: each rank routed its share of the samples
+            for routes in dist.all_gather_objects(self._routes):
+                self._routes.update(routes)
         if not self._routes:
             return None
         experts = self.trained_experts()

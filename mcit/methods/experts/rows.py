@@ -27,7 +27,8 @@ class SampleRouting:
 
     Calls that continue a KV cache (decoding steps, candidate tokens scored on top of a prompt cache) carry no
     prompt; their weights travel with the cache: the cache of a routed call is tagged with its rows' weights, and
-    `reorder_cache` (which expands prompt rows into candidate rows) reorders the tag with the cache.
+    `reorder_cache` reorders the tag with the cache; a cache built from some rows of a tagged one (candidate
+    scoring's per-chunk caches) gets their weights from `follow_rows`.
     """
 
     KEY_MARGIN = 3
@@ -36,7 +37,7 @@ class SampleRouting:
         self.thumbnails = {} if thumbnails is None else thumbnails
         """Thumbnails by image path, shareable across evaluations (an image's pixels do not change)."""
         self.encoder = Encoder(processor, max_length)
-        self.pixels = PixelCache(processor, keep=False)
+        self.pixels = PixelCache(processor, 0)
         self.image_token_id = self.encoder.tokenizer.convert_tokens_to_ids(self.encoder.image_token)
         self.table: dict[tuple[int, ...], list[tuple[torch.Tensor | None, int]]] = {}
         self.lengths: list[int] = []
@@ -193,6 +194,14 @@ def _tag(cache, weights: torch.Tensor) -> None:
 
     cache.reorder_cache = reorder_cache
     cache._mcit_reorder_wrapped = True
+
+
+def follow_rows(source, target, rows: torch.Tensor) -> None:
+    """`target` is a new cache built from `rows` of `source` (candidate scoring builds one per chunk of candidates
+    instead of reordering the prompt cache): tag it with those rows' routing weights, if `source` carries any."""
+    weights = getattr(source, "_mcit_route", None)
+    if weights is not None:
+        _tag(target, weights[rows.to(weights.device)])
 
 
 def _thumbnails(pixels: torch.Tensor) -> torch.Tensor:
