@@ -23,6 +23,7 @@ if [ "${1:-}" = "--wheels-only" ]; then  # run where an index is reachable; PY_V
 fi
 
 OUT=${MCIT_SMOKE_OUT:-$(mktemp -d /tmp/mcit-gpu-smoke.XXXX)}
+mkdir -p "$OUT"
 export MCIT_CACHE=$OUT/cache PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 failures=0
@@ -77,8 +78,8 @@ check eval mcit eval --checkpoint "$OUT/lora_ft/checkpoints/stage-02-mc-color" -
   --tasks shape --output "$OUT/eval"
 check export mcit export "$OUT/lora_ft" --out "$OUT/export"
 CPU_FLAG=$([ "${MCIT_SMOKE_ALLOW_CPU:-}" = 1 ] && echo --cpu)
-launch_on_gpu() { local run=$1 zero=$2; mcit launch recipes/smoke/gpu.yaml $CPU_FLAG --nproc 1 --master-port $((29500 + RANDOM % 1000)) \
-  output_dir="$run" train.deepspeed="$zero" model.dtype=bf16 && on_gpu "$run"; }
+launch_on_gpu() { local run=$1 zero=$2; mcit launch recipes/smoke/gpu.yaml output_dir="$run" \
+  train.deepspeed="$zero" model.dtype=bf16 $CPU_FLAG --nproc 1 --master-port $((29500 + RANDOM % 1000)) && on_gpu "$run"; }
 check deepspeed_zero2 launch_on_gpu "$OUT/zero2" zero2
 check deepspeed_zero3 launch_on_gpu "$OUT/zero3" zero3
 echo "logs: $OUT   failures: $failures"
