@@ -33,6 +33,7 @@ from mcit.data.records import Sample
 from mcit.errors import EvalError
 from mcit.runs.folder import RunFolder, has_stage_state, parse_stage_folder
 from mcit.runtime.files import write_text_atomic
+from mcit.runtime.placement import compute_device
 from mcit.runtime.precision import autocast as autocast_for
 from mcit.workflows.load import load_checkpoint, prepare_card
 
@@ -125,9 +126,8 @@ def probe_features(model, processor, method, samples: Sequence[Sample], *, batch
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`--device`: auto is where `load_base` already placed the model (placement.compute_device)."""
+    return compute_device() if name == "auto" else torch.device(name)
 
 
 def format_table(result: CKAResult, expand: Sequence[int]) -> str:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcit.cli import _launcher_args, build_parser, main
+from mcit.cli import build_parser, main
+from mcit.cli.launch import _launcher_args
 
 FAKE_DEEPSPEED = """#!{python}
 # Records its arguments, the hostfile it was given and the environment file the multi-node runner would read.
