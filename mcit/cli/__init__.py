@@ -153,8 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `key=value` overrides may also follow the options (`mcit launch r.yaml --nproc 8 x=1`),
+    which argparse alone refuses once an option has ended the positional list."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    late = [a for a in extra if "=" in a and not a.startswith("-")] if takes_overrides else []
+    unknown = [a for a in extra if a not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.func(args) or 0)
     except McitError as exc:

@@ -220,3 +220,15 @@ def test_real_launcher_numbers_no_ssh_nodes_from_the_generated_hostfile(tmp_path
     assert [ranks[r]["LOCAL_RANK"] for r in range(4)] == ["0", "1", "0", "1"]
     assert [ranks[r]["CUDA_VISIBLE_DEVICES"] for r in (2, 3)] == ["3,6", "3,6"]
     assert [ranks[r]["CUDA_VISIBLE_DEVICES"] for r in (0, 1)] == ["0,1", "0,1"]
+
+
+def test_overrides_may_follow_the_options():
+    from mcit.cli import parse
+
+    args = parse(["launch", "r.yaml", "a.b=1", "--nproc", "2", "train.lr=1e-4", "--cpu"])
+    assert args.overrides == ["a.b=1", "train.lr=1e-4"] and args.nproc == 2 and args.cpu
+    assert parse(["train", "r.yaml", "--dry-run", "x=1"]).overrides == ["x=1"]
+    with pytest.raises(SystemExit):
+        parse(["launch", "r.yaml", "--nproc", "2", "stray"])  # not key=value: still refused
+    with pytest.raises(SystemExit):
+        parse(["eval", "--checkpoint", "c", "--benchmark", "b", "x=1"])  # a verb without overrides takes none
