@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from mcit.config import load_recipe
+from mcit.data.collate import Encoder, PixelCache
+from mcit.evaluation.evaluate import evaluate_tasks
 from mcit.runtime import placement
+from mcit.workflows.load import load_checkpoint, load_test_data, prepare_card
 from mcit.workflows.train import ContinualRunner
 from tests.recipes import write_recipe
 from tests.runtime.simulated_cuda import MixedDevices, on_simulated_cuda, simulated_cuda
@@ -73,3 +76,14 @@ def test_a_run_never_mixes_devices(tmp_path, synthcit_root, one_gpu, method):
     assert results["constrained_matrix"][-1][1] is not None  # likelihood ranking ran on mc-color
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 1, 2]
+    assert next(r for r in log if r["event"] == "device")["device"] == "cuda:0"
+    # `mcit eval` of a stage folder: the model and the method's state (adapters, router prototypes) rebuilt from disk
+    stage = sorted((tmp_path / "run" / "checkpoints").glob("stage-*"))[-1]
+    with simulated_cuda() as mode:
+        model, processor, method, run_recipe = load_checkpoint(str(stage))
+        assert all(on_simulated_cuda(p) for p in model.parameters())
+        card = prepare_card(run_recipe)
+        (row,) = evaluate_tasks(model, method, Encoder(processor, run_recipe.train.max_length), PixelCache(processor),
+                                card.tasks[1:], load_test_data(card, run_recipe), batch_size=8, max_new_tokens=4,
+                                autocast="bf16", constrained=True)
+    assert mode.mixed == [] and row.score == pytest.approx(results["matrix"][-1][1])
