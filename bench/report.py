@@ -488,7 +488,13 @@ def write_report(workdir: Path, doc: Path) -> Path:
               "python -m bench quality --quality full       # the quality table at full size (9 methods x 3 seeds)",
               "python -m bench image_cache                  # section 7 alone (40,000 images through the image cache)",
               "python -m bench report                       # rewrite this file from the stored results",
-              "bash bench/run.sh                            # the same as `python -m bench`", "```", ""]
+              "python -m bench.memory_estimate              # the 7B memory/time estimates of docs/DISTRIBUTED.md",
+              "bash bench/run.sh                            # the same as `python -m bench`", "```", "",
+              "The results of sections 7 (image cache) and 8 (ranking) and of the 7B estimates are committed in "
+              "`bench/results/` (copies of `runs/bench/image_cache.json` and `ranking.json` from the runs that wrote "
+              "those sections; `memory_estimate.json` is written there directly); `python -m bench image_cache "
+              "--workdir bench/results` (or `ranking`) measures again into that folder. The result files of the "
+              "other sections were not committed.", ""]
     if FINDINGS.is_file():
         lines += [FINDINGS.read_text(encoding="utf-8").strip(), ""]
     lines += section_machine(meta)
