@@ -205,7 +205,7 @@ class PixelCache:
     """
 
     def __init__(self, processor, max_bytes: int | None = None, *,
-                 decode: Callable[[str], Image.Image] = decode_image):
+                 decode: Callable[[str], Image.Image] = decode_image, pad_to_square: bool = False):
         if max_bytes is None:
             max_bytes = BenchmarkConfig.image_cache_mb * MIB
         if max_bytes < 0:
@@ -213,6 +213,9 @@ class PixelCache:
         self.processor = processor
         self.max_bytes = int(max_bytes)
         self.decode = decode
+        self.pad_to_square = pad_to_square
+        """Paste each image in the centre of a square filled with the processor's mean colour before preprocessing
+        (LLaVA-1.5's `image_aspect_ratio: pad`), so nothing is cropped away (`benchmark.pad_to_square`)."""
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.bytes_used = 0
         """Bytes of the pixel tensors held now (each held tensor owns its storage: see `_keep`)."""
@@ -225,7 +228,7 @@ class PixelCache:
     @classmethod
     def from_recipe(cls, processor, recipe: Recipe) -> PixelCache:
         """The cache of a run: `benchmark.image_cache_mb` MiB."""
-        return cls(processor, recipe.benchmark.image_cache_mb * MIB)
+        return cls(processor, recipe.benchmark.image_cache_mb * MIB, pad_to_square=recipe.benchmark.pad_to_square)
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -254,6 +257,8 @@ class PixelCache:
         self.misses += len(missing)
         if missing:
             images = [self.decode(path) for path in missing]  # DataError for bombs and unreadable files
+            if self.pad_to_square:
+                images = [pad_to_square(image, self.processor) for image in images]
             pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
             for path, tensor in zip(missing, pixels, strict=True):
                 found[path] = tensor
@@ -271,6 +276,18 @@ class PixelCache:
         # A row of the processor's batch is a view that would keep the whole batch's storage alive: copy it.
         self._cache[path] = tensor.clone()
         self.bytes_used += size
+
+
+def pad_to_square(image: Image.Image, processor) -> Image.Image:
+    """`image` centred on a max(w, h) square of the processor's mean colour (LLaVA's expand2square)."""
+    w, h = image.size
+    if w == h:
+        return image
+    mean = getattr(getattr(processor, "image_processor", processor), "image_mean", None) or (0.5, 0.5, 0.5)
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), tuple(int(round(255 * m)) for m in mean[:3]))
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
 
 
 def collate(items: Sequence[Encoded], pad_id: int, pixels: PixelCache, padding_side: str = "right") -> dict:

@@ -84,15 +84,19 @@ def validate_card(card: DataCard, splits: tuple[str, ...] = ("train", "test"), *
     image_cache: dict[str, tuple[str, str] | None] = {}
     train_keys: dict[tuple[str | None, str], tuple[str, int | None]] = {}
     test_samples: list[tuple[Sample, str]] = []
-    for task in card.tasks:
+    for raw in card.tasks:
+        task = card.task(raw.name)  # with the paths of the release layout in use
         for split in splits:
             if getattr(task, split) is None:
                 continue
             path = card.annotation_path(task.name, split)
             samples, problems = _check_split(path, card.image_root(task.name), task.name, split, task.format,
-                                             check_images, max_pixels, image_cache)
+                                             check_images, max_pixels, image_cache,
+                                             answers_joined=split == "test" and bool(task.annotations))
             report.counts[f"{task.name}/{split}"] = len(samples)
             report.problems.extend(problems)
+            if split == "test" and not problems and (task.references or task.annotations):
+                report.problems.extend(_check_test_answers(card, task.name, path))
             for sample in samples:
                 key = _overlap_key(sample)
                 if split == "train":
@@ -105,6 +109,17 @@ def validate_card(card: DataCard, splits: tuple[str, ...] = ("train", "test"), *
             report.problems.append(_problem(sample, split, "train_test_overlap",
                                             f"same image and question as training sample {hit[1]} of {hit[0]}"))
     return report
+
+
+def _check_test_answers(card: DataCard, task: str, path: Path) -> list[Problem]:
+    """The joins a test split is scored with (caption references by position, official answers by question id):
+    a mismatch is one file-level problem naming the files, rather than a run that scores against a partial set."""
+    try:
+        card.load_task(task, "test")
+    except DataError as exc:
+        kind = "references" if card.task(task).references and "caption" in str(exc) else "annotations"
+        return [Problem(file=str(path), index=None, kind=kind, message=str(exc), task=task, split="test")]
+    return []
 
 
 def validate_file(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None, fmt: str = "auto",
@@ -128,7 +143,10 @@ def filter_valid(samples: list[Sample], report: ValidationReport) -> tuple[list[
 
 
 def _check_split(path: Path, image_root: Path, task: str, split: str, fmt: str, check_images: str,
-                 max_pixels: int | None, image_cache: dict) -> tuple[list[Sample], list[Problem]]:
+                 max_pixels: int | None, image_cache: dict, *, answers_joined: bool = False,
+                 ) -> tuple[list[Sample], list[Problem]]:
+    """Problems of one annotation file; `answers_joined`: the answers come from an official annotation file (the
+    card's `annotations`), so a record without one is expected."""
     samples, errors = read_split(path, image_root=image_root, task=task, fmt=fmt)
     problems = [_from_record_error(e, task, split) for e in errors]
     first_index_of: dict[str, int] = {}
@@ -145,7 +163,13 @@ def _check_split(path: Path, image_root: Path, task: str, split: str, fmt: str, 
             problems.append(_problem(sample, split, "placeholder_count",
                                      f"{n_placeholders} '{IMAGE_TOKEN}' placeholders but {n_images} images"))
         for turn, (_, reply) in enumerate(sample.turns):
-            if not reply.strip():
+            if reply.strip() or (answers_joined and turn == len(sample.turns) - 1):
+                continue
+            if split == "test":
+                problems.append(_problem(sample, split, "missing_answer", "test record without an answer: nothing to "
+                                         "score it against (add it, or name the official annotation file that holds "
+                                         "the answers in the card's `annotations`)"))
+            else:
                 problems.append(_problem(sample, split, "missing_answer", f"turn {turn} has an empty or missing answer"))
         if sample.image is not None and check_images != "none":
             issue = _check_image(sample.image, image_root, check_images, max_pixels, image_cache)

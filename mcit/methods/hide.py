@@ -27,6 +27,7 @@ Deviations from the reference, each on purpose:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ from mcit.runtime.files import write_json_atomic, write_text_atomic
 from mcit.runtime.placement import module_device
 from mcit.runtime.precision import autocast
 from mcit.runtime.zero import visible_parameters
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,8 +89,12 @@ class HiDeLLaVA(ExpertMethod):
                               f"{options.expand_layers!r}")
         if not auto and (options.expand_count is not None or options.expand_threshold is not None
                          or options.cka_path):
-            raise RecipeError("method.expand_count / expand_threshold / cka_path only apply with "
-                              "method.expand_layers: auto")
+            # A recipe written for `auto` switched to fixed layers by an override (`method.expand_layers=[-1]`, the
+            # paper's choice): its CKA keys no longer apply, and refusing would make the override unusable.
+            unused = [k for k in ("expand_count", "expand_threshold", "cka_path") if getattr(options, k)]
+            logger.warning("method.expand_layers=%s is a fixed choice, so method.%s (used only with 'auto') is "
+                           "ignored", options.expand_layers, ", method.".join(unused))
+            options.expand_count = options.expand_threshold = options.cka_path = None
         if options.expand_count is not None and options.expand_threshold is not None:
             raise RecipeError("method.expand_count and method.expand_threshold exclude each other; set one")
         if options.expand_count is not None and options.expand_count < 1:

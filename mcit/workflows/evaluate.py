@@ -13,7 +13,7 @@ from mcit.evaluation.evaluate import evaluate_tasks
 from mcit.runs.folder import RunFolder, has_stage_state
 from mcit.runs.results import checkpoint_results
 from mcit.runtime.files import write_json_atomic
-from mcit.workflows.load import load_checkpoint, load_test_data, prepare_card
+from mcit.workflows.load import align_boxes, load_checkpoint, load_test_data, prepare_card
 
 
 def default_output(checkpoint: Path, card: str) -> Path:
@@ -38,6 +38,7 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
     recipe.benchmark.asd.enabled = False
     card = prepare_card(recipe)
     test = load_test_data(card, recipe)
+    align_boxes(card, recipe, processor, test)
     encoder = Encoder(processor, recipe.train.max_length)
     out = Path(output_dir) if output_dir else default_output(Path(checkpoint), card.name)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from mcit.runtime.seeding import seed_everything
 from mcit.train import deepspeed as ds
 from mcit.train.loop import StageTrainer
 from mcit.train.stages import load_stage, save_stage
-from mcit.workflows.load import attach_method, build_model, load_task_data, prepare_card
+from mcit.workflows.load import align_boxes, attach_method, build_model, load_task_data, prepare_card
 
 DEEPSPEED_TEMPLATES = ("zero2", "zero3", "zero3_offload")
 
@@ -156,10 +156,13 @@ class ContinualRunner:
         folder.claim(recipe, environment(recipe))
         log = RunLog(folder.log, folder.tensorboard)
         card = prepare_card(recipe)
-        data = load_task_data(card, recipe, log)
+        data = load_task_data(card, recipe, log, run_folder=folder)
         method = build_method(recipe)
         ds_config = deepspeed_config(recipe)
         model, processor = build_model(recipe, ds_config)
+        boxes = align_boxes(card, recipe, processor, data.train, data.test)
+        if boxes:
+            log({"event": "box_frames", "rewritten": boxes})
         # Ranks split the test samples, unless ZeRO-3 shards the weights: then every forward pass is collective, and
         # every rank evaluates every sample inside one gather of the full weights.
         self.shard_eval = ds.zero_stage_of(ds_config) < 3

@@ -8,43 +8,22 @@ from pathlib import Path
 import pytest
 
 from mcit.data.cards import DataCard, TaskSpec, load_card
-from mcit.data.validate import validate_card
 from mcit.errors import DataError
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
-
-@pytest.fixture
-def benchmark_roots(monkeypatch):
-    monkeypatch.setenv("MCIT_UCIT_ROOT", str(FIXTURES / "ucit"))
-    monkeypatch.setenv("MCIT_DCL_ROOT", str(FIXTURES / "mllm-dcl"))
-    monkeypatch.setenv("MCIT_COIN_ROOT", str(FIXTURES / "coin"))
-
-
-@pytest.mark.parametrize(("name", "tasks"), [
-    ("ucit", ["ImageNet-R", "ArxivQA", "VizWiz-caption", "IconQA", "CLEVR-Math", "Flickr30k"]),
-    ("mllm-dcl", ["RS", "Med", "AD", "Sci", "Fin"]),
-    ("coin", ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA"]),
-])
-def test_shipped_cards_validate_against_the_fixtures(benchmark_roots, name, tasks):
-    card = load_card(name)
-    assert card.task_names == tasks
-    report = validate_card(card)
-    assert report.ok, report.format()
-    assert all(n == 2 for n in report.counts.values()) and len(report.counts) == 2 * len(tasks)
-    for task in tasks:
-        samples = card.load_task(task, "test")
-        assert all(s.meta["style"] == card.task(task).answer_style for s in samples)
-        assert all(s.turns[0][0].startswith("<image>\n") and Path(s.image).is_file() for s in samples)
-
-
-def test_ucit_scorers_follow_the_reference(benchmark_roots):
-    card = load_card("ucit")
-    assert {t.name: t.scorer for t in card.tasks} == {
+def test_shipped_cards_score_as_their_releases():
+    """The scorer of every task of the shipped cards (what each one does: tests/data/test_releases.py and the
+    scorer tests)."""
+    ucit = load_card("ucit")
+    assert {t.name: t.scorer for t in ucit.tasks} == {
         "ImageNet-R": "exact_match", "ArxivQA": "exact_match", "VizWiz-caption": "caption", "IconQA": "exact_match",
         "CLEVR-Math": "exact_match", "Flickr30k": "caption"}
-    assert {t.scorer for t in load_card("mllm-dcl").tasks} == {"contains"}
-    assert load_card("coin").task("Grounding").scorer == "iou"
+    assert all(t.scorer_options.get("report") == "mean" for t in ucit.tasks if t.scorer == "caption")
+    assert {t.name: t.scorer_options["rule"] for t in load_card("mllm-dcl").tasks} == {
+        "RS": "ai2d", "Med": "pvqa", "AD": "ai2d", "Sci": "sci", "Fin": "finvis"}
+    coin = {t.name: t for t in load_card("coin").tasks}  # the specs as written (no data needed)
+    assert (coin["Grounding"].scorer, coin["Grounding"].box_frame) == ("iou", "square")
+    assert coin["TextVQA"].scorer == "vqa"
 
 
 def test_unset_root_variable_is_named(monkeypatch):
@@ -102,7 +81,7 @@ def test_the_card_file_is_not_a_key(tmp_path):
     path = write_card(tmp_path, BASE)
     assert load_card(path).path == path.resolve()
     with pytest.raises(DataError, match=r"path: unknown key; valid keys: name, tasks, description, root, citation, "
-                                        r"generator$"):
+                                        r"generator, layouts, layout$"):
         load_card(write_card(tmp_path, "path: elsewhere.yaml\n" + BASE))
 
 

@@ -4,6 +4,7 @@ list or from CKA (file or in-run), and a full run through the runner records rou
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,6 @@ def test_expand_layers_from_a_list_or_a_cka_file(synthcit_root, tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"expand_layers": "top"}, "expand_layers"),
-    ({"expand_count": 2}, "only apply"),
     ({"expand_layers": "auto", "expand_count": 1, "expand_threshold": 0.5}, "exclude each other"),
     ({"expand_layers": "auto", "cka_path": "/nonexistent/cka.json"}, "not found"),
     ({"fusion": "mean"}, "fusion"),
@@ -73,6 +73,16 @@ def test_option_errors(options, message):
     recipe = recipe_from_dict({"output_dir": "x", "method": {"name": "hide", **options}})
     with pytest.raises(RecipeError, match=message):
         build_method(recipe)
+
+
+def test_fixed_layers_override_a_recipe_written_for_auto(caplog):
+    """`method.expand_layers=[-1]` on a recipe with CKA keys (recipes/synthcit/hide.yaml): the paper's layout runs,
+    the CKA keys are dropped with a warning naming them."""
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "synthcit" / "hide.yaml", overrides=["method.expand_layers=[-1]"])
+    with caplog.at_level("WARNING"):
+        hide = build_method(recipe)
+    assert hide.options.expand_layers == [-1] and hide.options.expand_threshold is None
+    assert "expand_threshold" in caplog.text and "ignored" in caplog.text
 
 
 def test_auto_measures_cka_in_run_between_the_experts(synthcit_root, tmp_path):
