@@ -21,13 +21,13 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from mcit.errors import RecipeError
 from mcit.runtime.files import write_text_atomic
-from mcit.schema import from_mapping, to_mapping
+from mcit.schema import from_mapping, suggest, to_mapping
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -68,6 +68,12 @@ class ASDConfig:
     fraction: float = 0.2
     """Share of each task's training samples converted to another answer style (SEFE: 20 %)."""
     styles: list[str] = field(default_factory=lambda: ["yesno", "mc", "brief", "detailed"])
+    KEYWORDS: ClassVar[tuple[str, ...]] = ("meta", "template")
+    rewriter: str = "meta"
+    """Where brief/detailed answers come from when a sample has no meta["brief"/"detailed"]: `meta` (nowhere: those
+    picks keep their original style, so on real data only about half the fraction is converted), `template` (built
+    from the sample's own question and answer; every asked conversion happens), or the path of a local causal-LM
+    folder (generated once per run, cached in <run>/asd/rewrites.jsonl). See mcit/data/asd.py."""
 
 
 @dataclass
@@ -78,10 +84,15 @@ class BenchmarkConfig:
     """A subset / order of the card's tasks (default: all, in card order)."""
     root: str | None = None
     """Override the card's data root."""
+    layout: str | None = None
+    """The card's release layout to use (e.g. `hide-llava` for UCIT); unset: detected from the files under the root."""
     max_train: int | None = None
     max_test: int | None = None
     skip_invalid: bool = False
     """Train on the valid samples of a card with problems (reporting how many were skipped) instead of refusing."""
+    pad_to_square: bool = False
+    """Pad every image to a square with the processor's mean colour before preprocessing, as LLaVA-1.5 was trained
+    (`image_aspect_ratio: pad`), instead of the processor's centre crop. Box answers follow (mcit/data/boxes.py)."""
     image_cache_mb: int = 2048
     """Host memory (MiB) per process for preprocessed images kept between batches, least recently used dropped first
     (0: none kept). A 336-px image takes 1.3 MiB, so the default keeps ~1,500 of them."""
@@ -244,6 +255,11 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
 
 
 def _check_values(recipe: Recipe, where: str) -> None:
+    # A model folder is written as a path ('./my-llm', '/models/x'), so a mistyped keyword is refused here, before a
+    # run folder is claimed with it; whether the folder exists is checked where it is used (mcit.data.asd).
+    rewriter = recipe.benchmark.asd.rewriter.strip()
+    rewriter_ok = rewriter in ASDConfig.KEYWORDS or "/" in rewriter or os.sep in rewriter or (
+        bool(rewriter) and Path(rewriter).is_dir())
     checks = [
         ("train.batch_size", recipe.train.batch_size >= 1, "a positive integer"),
         ("train.grad_accum", recipe.train.grad_accum >= 1, "a positive integer"),
@@ -254,6 +270,8 @@ def _check_values(recipe: Recipe, where: str) -> None:
          "an integer >= 16, or null for the model's image tokens + 512"),
         ("method.lora.r", recipe.method.lora.r >= 1, "a positive integer"),
         ("benchmark.asd.fraction", 0 <= recipe.benchmark.asd.fraction <= 1, "a number in [0, 1]"),
+        ("benchmark.asd.rewriter", rewriter_ok, "meta, template or the path of a local causal-LM folder (e.g. "
+         f"./my-llm), got {rewriter!r}{suggest(rewriter, ASDConfig.KEYWORDS)}"),
         ("benchmark.image_cache_mb", recipe.benchmark.image_cache_mb >= 0, "an integer >= 0 (MiB; 0 keeps no images)"),
         ("eval.batch_size", recipe.eval.batch_size >= 1, "a positive integer"),
     ]

@@ -19,6 +19,7 @@ from mcit.report.summary import (
     COMPARISON,
     METRICS,
     Run,
+    asd_table,
     comparison_values,
     finite_mean,
     forgetting_kinds,
@@ -232,6 +233,9 @@ def _run_section(doc: Document, run: Run, prefix: str, level: int) -> None:
                 plots.router_confusion(grid, labels, out / f"{prefix}router_confusion.png", title), "router confusion"
             )
 
+    if run.asd is not None or run.asd_problem:
+        _asd_section(doc, run, level + 1)
+
     if run.loss:
         doc.heading(level + 1, "Training loss")
         if run.skipped_log_lines:
@@ -242,6 +246,20 @@ def _run_section(doc: Document, run: Run, prefix: str, level: int) -> None:
     if examples:
         doc.heading(level + 1, "Example errors on earlier tasks")
         doc.table(["task", "label", "prediction", "reference"], examples)
+
+
+def _asd_section(doc: Document, run: Run, level: int) -> None:
+    doc.heading(level, "ASD conversions")
+    if run.asd is None:
+        doc.para(str(run.asd_problem))
+        return
+    table = asd_table(run.asd)
+    asked = f"{100 * table.fraction:g} % of each task's training samples" if table.fraction is not None else "a share"
+    doc.para(f"Answer Style Diversification asked for {asked} in the shared answer styles; brief/detailed answers "
+             f"from rewriter: {table.rewriter}. Skipped picks keep their original style.")
+    doc.table(table.header, [[row[0], *(str(v) for v in row[1:-1]), fmt(row[-1])] for row in table.rows])
+    if table.reasons:
+        doc.para("Skipped: " + "; ".join(f"{reason} {n}" for reason, n in sorted(table.reasons.items())) + ".")
 
 
 def _comparison_section(doc: Document, runs: list[Run]) -> None:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcit.data.asd import ASD_STYLES
 from mcit.errors import EvalError
 from mcit.evaluation.metrics import METRICS
 from mcit.runs.folder import RunFolder
@@ -37,6 +38,10 @@ class Run:
     label: str = ""
     loss: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
     skipped_log_lines: int = 0
+    asd: dict | None = None
+    """asd_stats.json: what Answer Style Diversification converted (None: the run used no ASD)."""
+    asd_problem: str | None = None
+    """Why an existing asd_stats.json could not be read (the report says so instead of failing)."""
 
     @property
     def tasks(self) -> list[str]:
@@ -121,6 +126,10 @@ def load_run(run_dir: Path) -> Run:
     log_file = RunFolder(run.path).log
     if log_file.is_file():
         run.loss, run.skipped_log_lines = read_loss_log(log_file)
+    try:
+        run.asd = RunFolder(run.path).read_asd_stats()
+    except (OSError, ValueError) as err:
+        run.asd_problem = f"{RunFolder(run.path).asd_stats}: not readable ({err})"
     return run
 
 
@@ -283,6 +292,41 @@ def summary_line(run: Run) -> str:
     if acc is not None:
         parts.append(f"router accuracy {acc:.2f}")
     return f"{run.label}: " + ("; ".join(parts) if parts else "no metrics stored") + "."
+
+
+@dataclass
+class ASDTable:
+    """The "ASD conversions" table: per task the training samples, the picks asked for (converted + skipped), the
+    conversions per style and the skips; `reasons` are the skip reasons over all tasks."""
+
+    header: list[str]
+    rows: list[list[object]]
+    rewriter: str
+    fraction: float | None
+    reasons: dict[str, int]
+
+
+def asd_table(asd: dict) -> ASDTable:
+    """The table view of asd_stats.json (as mcit.data.asd.ASDStats writes it, with the recipe's settings)."""
+    styles = [s for s in ASD_STYLES if s in (asd.get("converted") or {})] or list(ASD_STYLES)
+    header = ["task", "samples", "asked", *styles, "skipped", "converted %"]
+    rows: list[list[object]] = []
+    totals = [0, 0, *(0 for _ in styles), 0]
+    per_task = asd.get("per_task") or {}
+    for task, converted in per_task.items():
+        done = [int(converted.get(s, 0)) for s in styles]
+        skipped = sum(int(n) for n in ((asd.get("per_task_skipped") or {}).get(task) or {}).values())
+        samples = int((asd.get("samples") or {}).get(task, 0))
+        row = [samples, sum(done) + skipped, *done, skipped]
+        totals = [a + b for a, b in zip(totals, row)]
+        rows.append([task, *row, 100.0 * sum(done) / samples if samples else None])
+    if len(per_task) > 1:
+        rows.append(["all", *totals, 100.0 * sum(totals[2:-1]) / totals[0] if totals[0] else None])
+    reasons: dict[str, int] = {}
+    for by_reason in (asd.get("skip_reasons") or {}).values():
+        for reason, n in by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + int(n)
+    return ASDTable(header, rows, str(asd.get("rewriter", "meta")), asd.get("fraction"), reasons)
 
 
 # --------------------------------------------------------------------------------------------------- comparison

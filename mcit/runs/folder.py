@@ -2,7 +2,8 @@
 
 ```
 <output_dir>/
-  recipe.yaml  env.json  results.json  results.md  timing.json  log.jsonl  tb/
+  recipe.yaml  env.json  results.json  results.md  timing.json  log.jsonl  asd_stats.json  tb/
+  asd/rewrites.jsonl              brief/detailed answers an LLM rewriter generated (ASD), reused on resume
   checkpoints/stage-01-<label>/   a finished stage (runs.checkpoint: MANIFEST.json written last)
   checkpoints/last-step/          the newest mid-stage step checkpoint, removed when the stage completes
   predictions/stage-01/<task>.jsonl
@@ -71,6 +72,8 @@ class RunFolder:
         self.last_step = self.checkpoints / "last-step"
         self.report = self.root / "report"
         self.analysis = self.root / "analysis"
+        self.asd_stats = self.root / "asd_stats.json"
+        self.asd_rewrites = self.root / "asd" / "rewrites.jsonl"
 
     @classmethod
     def of_stage(cls, stage_dir: Path) -> RunFolder:
@@ -121,6 +124,17 @@ class RunFolder:
     def write_results(self, results: dict[str, Any]) -> None:
         if dist.is_main():
             write_json_atomic(self.results, results)
+
+    def write_asd_stats(self, stats: dict[str, Any]) -> None:
+        """ASD's conversions per style and task and its skips with their reasons (mcit.data.asd), for the report;
+        the data are the same on every rank, so only the main rank writes."""
+        if dist.is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.asd_stats, stats)
+
+    def read_asd_stats(self) -> dict[str, Any] | None:
+        """asd_stats.json, or None for a run without ASD (or one from before the file existed)."""
+        return json.loads(self.asd_stats.read_text(encoding="utf-8")) if self.asd_stats.is_file() else None
 
     def record_timing(self, kind: str, label: str, record: dict) -> None:
         """Wall-clock, memory and storage records go to timing.json: results.json holds only what the seed determines

@@ -11,15 +11,16 @@ Accepted checkpoints (`load_checkpoint`):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from mcit.config import Recipe, load_recipe, recipe_from_dict
 from mcit.data import synthcit
-from mcit.data.asd import diversify_with_stats
+from mcit.data.asd import ASDStats, build_rewriter, diversify_with_stats
+from mcit.data.boxes import align_box_answers, seen_frame
 from mcit.data.cards import DataCard, load_card
+from mcit.data.images import probe_image
 from mcit.data.validate import filter_valid, validate_card
 from mcit.errors import CheckpointError, DataError
 from mcit.methods.base import Checkpoint, Method, RunContext, TaskData, build_method
@@ -39,10 +40,11 @@ def prepare_card(recipe: Recipe) -> DataCard:
     card = load_card(recipe.benchmark.card)
     if recipe.benchmark.root:
         card.root = recipe.benchmark.root
+    if recipe.benchmark.layout:
+        card.layout = recipe.benchmark.layout
+        card.layout_named(card.layout)  # raises with a suggestion for an unknown layout
     if recipe.benchmark.tasks:
-        for name in recipe.benchmark.tasks:
-            card.task(name)  # raises with a suggestion for an unknown task
-        card = dataclasses.replace(card, tasks=[card.task(n) for n in recipe.benchmark.tasks])
+        card = card.select(recipe.benchmark.tasks)
     for task in card.tasks:
         if recipe.benchmark.max_train:
             task.max_train = min(task.max_train or recipe.benchmark.max_train, recipe.benchmark.max_train)
@@ -55,26 +57,46 @@ def prepare_card(recipe: Recipe) -> DataCard:
     return card
 
 
-def load_task_data(card: DataCard, recipe: Recipe, log) -> TaskData:
-    """Validated training and test samples of every task (ASD applied to training samples when the recipe asks)."""
+def load_task_data(card: DataCard, recipe: Recipe, log, run_folder: RunFolder | None = None) -> TaskData:
+    """Validated training and test samples of every task (ASD applied to training samples when the recipe asks).
+
+    `run_folder`: the run this data is for; ASD writes its conversion counts there (asd_stats.json, for the report)
+    and an LLM rewriter caches its answers there (asd/rewrites.jsonl). None (tests, tools) writes nothing.
+    """
+    asd = recipe.benchmark.asd
+    # built first, so a rewriter folder that is not there fails before any data is read
+    rewriter = build_rewriter(asd.rewriter, seed=recipe.seed,
+                              cache_file=run_folder.asd_rewrites if run_folder else None) if asd.enabled else None
+    asd_stats = ASDStats()
     report = validate_card(card)
     skipped = 0
     if not report.ok and not recipe.benchmark.skip_invalid:
         raise DataError(f"data card {card.name!r} has problems; fix them or set benchmark.skip_invalid=true to train "
                         f"on the valid samples only:\n{report.format()}")
     train, test = {}, {}
-    for task in card.tasks:
-        samples = card.load_task(task.name, "train", seed=recipe.seed, skip_malformed=recipe.benchmark.skip_invalid)
-        tests = card.load_task(task.name, "test", seed=recipe.seed, skip_malformed=recipe.benchmark.skip_invalid)
-        if not report.ok:
-            samples, n1 = filter_valid(samples, report)
-            tests, n2 = filter_valid(tests, report)
-            skipped += n1 + n2
-        if recipe.benchmark.asd.enabled:
-            samples, stats = diversify_with_stats(samples, recipe.benchmark.asd.fraction,
-                                                  styles=recipe.benchmark.asd.styles, seed=recipe.seed)
-            log({"event": "asd", "task": task.name, **dataclasses.asdict(stats)})
-        train[task.name], test[task.name] = samples, tests
+    try:
+        for task in card.tasks:
+            samples = card.load_task(task.name, "train", seed=recipe.seed,
+                                     skip_malformed=recipe.benchmark.skip_invalid)
+            tests = card.load_task(task.name, "test", seed=recipe.seed, skip_malformed=recipe.benchmark.skip_invalid)
+            if not report.ok:
+                samples, n1 = filter_valid(samples, report)
+                tests, n2 = filter_valid(tests, report)
+                skipped += n1 + n2
+            if asd.enabled:
+                samples, stats = diversify_with_stats(samples, asd.fraction, styles=asd.styles, seed=recipe.seed,
+                                                      rewriter=rewriter)
+                asd_stats.merge(stats)
+                log({"event": "asd", "task": task.name, **stats.to_dict()})
+            train[task.name], test[task.name] = samples, tests
+    finally:
+        if hasattr(rewriter, "close"):
+            rewriter.close()  # an LLM rewriter frees its model before the training model is loaded
+    if asd.enabled:
+        print(f"[mcit] {asd_stats.summary()}", file=sys.stderr)
+        if run_folder is not None:
+            run_folder.write_asd_stats({"rewriter": asd.rewriter, "fraction": asd.fraction, "styles": list(asd.styles),
+                                        "seed": recipe.seed, **asd_stats.to_dict()})
     if skipped:
         log({"event": "skipped_invalid", "count": skipped})
         print(f"[mcit] skipped {skipped} invalid samples (benchmark.skip_invalid=true)", file=sys.stderr)
@@ -88,6 +110,29 @@ def load_test_data(card: DataCard, recipe: Recipe) -> dict:
     if not report.ok:
         raise DataError(f"data card {card.name!r} has problems in its test splits:\n{report.format()}")
     return {t.name: card.load_task(t.name, "test", seed=recipe.seed) for t in card.tasks}
+
+
+def align_boxes(card: DataCard, recipe: Recipe, processor, *splits: dict[str, list]) -> dict[str, int]:
+    """Rewrite the box answers of the card's box tasks (train and test samples alike) from the frame the release
+    uses (`box_frame`) into the frame this run's preprocessing shows the model (mcit/data/boxes.py); returns the
+    number rewritten per task. Sizes come from the record's `size` (CoIN keeps it) or the image header."""
+    target = seen_frame(processor, recipe.benchmark.pad_to_square)
+    counts: dict[str, int] = {}
+    for task in card.tasks:
+        spec = card.task(task.name)
+        if spec.answer_style != "box" or spec.box_frame == target:
+            continue
+        root = card.image_root(task.name)
+
+        def size(sample, root=root) -> tuple[int, int]:
+            given = (sample.meta.get("source") or {}).get("size")
+            if isinstance(given, list) and len(given) == 2 and all(isinstance(v, (int, float)) for v in given):
+                return int(given[0]), int(given[1])
+            return probe_image(sample.image, root)
+
+        counts[task.name] = sum(align_box_answers(split.get(task.name, []), spec.box_frame, target, size)
+                                for split in splits)
+    return counts
 
 
 def build_model(recipe: Recipe, ds_config: dict | None = None):

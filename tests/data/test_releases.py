@@ -5,7 +5,10 @@ user's layout mistakes get one message that says what was tried and what is ther
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from mcit.data.cards import load_card
 from mcit.data.validate import validate_card
 from mcit.errors import DataError
+from tests.recipes import write_recipe
 
 RELEASES = Path(__file__).resolve().parents[1] / "fixtures" / "releases"
 LAYOUTS = [  # card, environment variable, root of the release tree, layout the card must detect
@@ -173,3 +177,32 @@ def test_official_answers_missing_a_question_are_refused(monkeypatch, tmp_path):
     with pytest.raises(DataError, match=r"1 of 2 questions of .*TextVQA/val.json have no entry in this textvqa "
                                         r"annotation file \(question ids 'TextVQA_1'\)"):
         load_card("coin").load_task("TextVQA", "test")
+
+
+TRAIN_TASKS = {"mcitlib": ["ArxivQA", "Flickr30k"], "hide-llava": ["ImageNet-R", "VizWiz-caption"],
+               "coin": ["ScienceQA", "TextVQA", "Grounding"], "mllm-cl": ["Sci", "Fin"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "variable", "root", "layout"), LAYOUTS, ids=[x[3] for x in LAYOUTS])
+def test_each_release_layout_trains_a_step_and_scores(tmp_path, name, variable, root, layout):
+    """`mcit train` as a user runs it, with nothing but the variable pointing at the release: one step per task,
+    every seen task scored by its released rule."""
+    recipe = write_recipe(tmp_path / "r.yaml", root, output_dir=tmp_path / "out",
+                          benchmark={"card": name, "root": None, "tasks": TRAIN_TASKS[layout], "max_train": None,
+                                     "max_test": None},
+                          train={"max_steps": 1, "batch_size": 2, "save_steps": 0, "max_length": 160},
+                          eval={"zero_shot": False, "max_new_tokens": 6})
+    env = {**os.environ, variable: str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mcit.cli", "train", str(recipe)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["tasks"] == TRAIN_TASKS[layout]
+    assert all(v is not None and 0 <= v <= 100 for v in results["matrix"][-1])
+    events = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    if layout == "coin":  # CoIN's square-frame boxes rewritten into the tiny processor's centre crop
+        assert {"event": "box_frames", "rewritten": {"Grounding": 4}}.items() <= next(
+            e for e in events if e["event"] == "box_frames").items()
+    scored = {e["task"] for e in events if e["event"] == "eval"}
+    assert scored == set(TRAIN_TASKS[layout])

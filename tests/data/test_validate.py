@@ -121,3 +121,19 @@ def test_missing_annotation_file_is_a_problem_not_a_crash(tmp_path):
     (tmp_path / "card.yaml").write_text("name: gone\nroot: .\ntasks:\n  - {name: a, train: nowhere.json}\n")
     report = validate_card(load_card(tmp_path / "card.yaml"))
     assert [(Path(p.file).name, p.index, p.kind) for p in report.problems] == [("nowhere.json", None, "missing_file")]
+
+
+def test_decode_finds_a_truncated_image_that_the_header_check_passes(tmp_path):
+    root = tmp_path / "data"
+    (root / "imgs").mkdir(parents=True)
+    full = tmp_path / "full.png"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(full)
+    data = full.read_bytes()
+    (root / "imgs" / "cut.png").write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
+    (root / "train.json").write_text(json.dumps([conv("t0", "imgs/cut.png", "<image>\nWhat is it?", "noise")]))
+    (tmp_path / "card.yaml").write_text("name: cut\nroot: data\ntasks:\n  - {name: noise, train: train.json}\n")
+    card = load_card(tmp_path / "card.yaml")
+    assert validate_card(card, splits=("train",), check_images="header").ok
+    report = validate_card(card, splits=("train",), check_images="decode")
+    assert [(p.index, p.kind) for p in report.problems] == [(0, "unreadable_image")]
+    assert "cut.png" in report.problems[0].message
