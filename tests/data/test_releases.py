@@ -206,3 +206,21 @@ def test_each_release_layout_trains_a_step_and_scores(tmp_path, name, variable, 
             e for e in events if e["event"] == "box_frames").items()
     scored = {e["task"] for e in events if e["event"] == "eval"}
     assert scored == set(TRAIN_TASKS[layout])
+
+
+def test_a_recipe_picks_the_layout(monkeypatch):
+    from mcit.config import recipe_from_dict
+    from mcit.workflows.load import prepare_card
+
+    monkeypatch.setenv("MCIT_UCIT_ROOT", str(RELEASES / "ucit-hide-llava"))
+    recipe = recipe_from_dict({"output_dir": "x", "benchmark": {"card": "ucit", "layout": "hide-llava",
+                                                                "tasks": ["IconQA"]}})
+    card = prepare_card(recipe)
+    assert card.task_names == ["IconQA"] and card.layout_in_use().name == "hide-llava"
+    recipe.benchmark.layout = "mcitlib"  # forced, and its files are not there: validation names each one
+    report = validate_card(prepare_card(recipe))
+    assert [(p.kind, Path(p.file).relative_to(RELEASES / "ucit-hide-llava").as_posix()) for p in report.problems] == [
+        ("missing_file", "IconQA/train.json"), ("missing_file", "IconQA/test.json")]
+    recipe.benchmark.layout = "hide"
+    with pytest.raises(DataError, match=r"did you mean 'hide-llava'"):
+        prepare_card(recipe)
