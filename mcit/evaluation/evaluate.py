@@ -139,7 +139,8 @@ def evaluate_task(model, method, encoder: Encoder, pixels: PixelCache, spec: Tas
     preds = [pred for pred, _ in answered]
     routed = [route for _, route in answered]
     scorer = get_scorer(spec.scorer, **spec.scorer_options)
-    result = scorer(preds, [s.answer for s in samples], [s.meta for s in samples])
+    # Every rank holds every answer; one scores (a caption scorer starts java processes) and shares the result.
+    result = dist.on_main(lambda: scorer(preds, [s.answer for s in samples], [s.meta for s in samples]))
     labels = [label_prediction(spec.answer_style, score >= 0.5, pred, s.meta)
               for score, pred, s in zip(result.per_sample, preds, samples)]
     constrained_ok: list[bool | None] = [None] * len(samples)

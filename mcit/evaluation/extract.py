@@ -80,7 +80,9 @@ def extract_letter(text: str, meta: Mapping[str, Any] | None = None, use_choice_
     if letter is None and use_choice_text and _choices(meta):
         norm = Normalizer()
         wanted = norm(text)
-        matches = [valid[i] for i, choice in enumerate(_choices(meta)[: len(valid)]) if norm(str(choice)) == wanted]
+        # an empty answer names no option, even when an option's text is empty too
+        matches = [valid[i] for i, choice in enumerate(_choices(meta)[: len(valid)])
+                   if wanted and norm(str(choice)) == wanted]
         letter = matches[0] if len(matches) == 1 else None
     return letter if letter is not None and letter in valid else None
 

@@ -3,6 +3,11 @@
 Leniency is deliberate: strict exact match counted "3." against "3" and "Circle." against "circle" as wrong, which
 measures formatting noise rather than knowledge. The `Normalizer` makes every such choice an explicit, switchable
 option; `Normalizer.strict()` only strips surrounding whitespace.
+
+Leniency never erases an answer: an article is dropped only beside other words, so the letter answer "A" stays "a"
+and no longer equals "", "." or "the" (it did when articles were dropped everywhere, which let empty answers score
+on letter tasks). `normalize_vqa_answer` is the VQA benchmarks' own normalisation, kept separate because the papers'
+VQA accuracy is defined on it.
 """
 
 from __future__ import annotations
@@ -115,7 +120,7 @@ class Normalizer:
 
     lowercase: bool = True
     strip_punctuation: bool = True  # every mark except a number's decimal point / minus sign becomes a space
-    drop_articles: bool = True  # "a", "an", "the" as whole words
+    drop_articles: bool = True  # "a", "an", "the" as whole words, only when other words remain
     number_words: bool = True  # number words -> digits, so both spellings compare equal
     canonical_decimals: bool = True  # "3.50" -> "3.5", "3.0" -> "3" (integers keep leading zeros: OCR codes)
     strip_trailing_period: bool = True  # matters when strip_punctuation is off
@@ -142,7 +147,7 @@ class Normalizer:
             return text.strip()
         tokens = text.split()
         if self.drop_articles:
-            tokens = [t for t in tokens if t.lower() not in _ARTICLES]
+            tokens = _drop_articles(tokens)
         if self.canonical_decimals:
             tokens = [_canonical_decimal(t) for t in tokens]
         return " ".join(tokens)
@@ -156,9 +161,77 @@ def _canonical_decimal(token: str) -> str:
     return f"{whole}.{frac}" if frac else whole
 
 
-def tokenize_caption(text: str) -> str:
-    """Caption tokenisation done in Python: lowercase, punctuation removed, whitespace collapsed.
+def _drop_articles(tokens: list[str]) -> list[str]:
+    """The tokens without "a", "an", "the" -- unless nothing else is left: an answer that *is* an article (option
+    letter "A", the word "the") must stay, or it would equal the empty answer."""
+    kept = [t for t in tokens if t.lower() not in _ARTICLES]
+    return kept if kept else tokens
 
-    Replaces pycocoevalcap's PTBTokenizer, which spawns java; both sides of a comparison go through this function.
+
+def has_content(text: str) -> bool:
+    """Whether a text holds a letter or digit: whitespace and punctuation alone are no answer (such a prediction never
+    scores, such a reference is an error)."""
+    return any(ch.isalnum() for ch in text)
+
+
+# --- VQA answer normalisation -----------------------------------------------------------------------------------
+# The rules of the official VQA evaluation (VQAEval.processPunctuation / processDigitArticle), written from its
+# description; the tables are its facts. Marks it handles; "." and "'" are not among them (see below and the
+# contractions).
+_VQA_MARKS = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_VQA_DIGIT_COMMA = re.compile(r"\d,\d")
+# The reference pattern meant "a period not next to a digit", but its look-behind is mistyped as a look-ahead, so in
+# effect a period is removed unless a digit follows it ("3." -> "3", "2.5" and ".5" stay). Published numbers used
+# that effect, so it is kept.
+_VQA_PERIOD = re.compile(r"\.(?!\d)")
+_VQA_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+# Apostrophe-less spellings and their fixes. The reference table also lists keys with capitals ("Im", "Ive"), which
+# never match because answers are lower-cased first, and a few identities; those are left out, the effect is the same.
+_VQA_CONTRACTIONS = dict(pair.split("=") for pair in """
+    aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've couldnt've=couldn't've
+    didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've hasnt=hasn't
+    havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll hows=how's isnt=isn't
+    itd=it'd itd've=it'd've it'dve=it'd've itll=it'll maam=ma'am mightnt=mightn't mightnt've=mightn't've
+    mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've neednt=needn't notve=not've oclock=o'clock
+    oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't shed've=she'd've
+    she'dve=she'd've shouldve=should've shouldnt=shouldn't shouldnt've=shouldn't've shouldn'tve=shouldn't've
+    somebody'd=somebodyd somebodyd've=somebody'd've somebody'dve=somebody'd've somebodyll=somebody'll
+    somebodys=somebody's someoned=someone'd someoned've=someone'd've someone'dve=someone'd've someonell=someone'll
+    someones=someone's somethingd=something'd somethingd've=something'd've something'dve=something'd've
+    somethingll=something'll thats=that's thered=there'd thered've=there'd've there'dve=there'd've therere=there're
+    theres=there's theyd=they'd theyd've=they'd've they'dve=they'd've theyll=they'll theyre=they're theyve=they've
+    twas='twas wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll whatre=what're
+    whats=what's whatve=what've whens=when's whered=where'd wheres=where's whereve=where've whod=who'd
+    whod've=who'd've who'dve=who'd've wholl=who'll whos=who's whove=who've whyll=why'll whyre=why're whys=why's
+    wont=won't wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all
+    yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd
+    youd've=you'd've you'dve=you'd've youll=you'll youre=you're youve=you've
+""".split())
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """An answer as the VQA evaluation compares it: "Two" -> "2", "the dog." -> "dog", "dont" -> "don't".
+
+    1. newlines and tabs become spaces, the ends are stripped;
+    2. each mark of `_VQA_MARKS` is deleted where the text has it next to a space or holds a comma between digits
+       ("1,000" -> "1000"), and becomes a space otherwise ("black/white" -> "black white");
+    3. a period is removed unless a digit follows it;
+    4. lower-cased words; number words zero..ten (and "none") become digits, articles are dropped, apostrophe-less
+       contractions get their apostrophe.
+
+    One deviation: articles are dropped only when other words remain (the `Normalizer` rule), so the answer "a" (a
+    letter on a sign) stays "a" instead of matching "the" and the empty answer.
     """
-    return Normalizer(drop_articles=False, number_words=False, canonical_decimals=False)(text)
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    delete_marks = _VQA_DIGIT_COMMA.search(text) is not None
+    out = text
+    for mark in _VQA_MARKS:
+        gone = delete_marks or f"{mark} " in text or f" {mark}" in text
+        out = out.replace(mark, "" if gone else " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_NUMBERS.get(word, word) for word in out.lower().split()]
+    words = _drop_articles(words)
+    return " ".join(_VQA_CONTRACTIONS.get(word, word) for word in words)

@@ -7,15 +7,18 @@ reporting. Callers holding id-keyed dicts use `align_by_id` first, so that a mis
 ids in it instead of a silent shift of every later sample (a crash users reported with the reference caption code).
 
 The text the scorers compare goes through `mcit.evaluation.normalize` (lenient on purpose, see there) and the answer
-they read comes from `mcit.evaluation.extract`.
+they read comes from `mcit.evaluation.extract`. Two rules hold for every scorer: a prediction without a letter or
+digit (empty, whitespace, punctuation) never scores, and a reference without one is an error naming the sample --
+it would otherwise match the empty answer, or nothing, silently.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import re
 import shutil
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -24,7 +27,7 @@ from mcit.data.cards import SCORERS
 from mcit.data.synthcit_scenes import parse_scene
 from mcit.errors import EvalError
 from mcit.evaluation.extract import extract_letter, extract_yesno, find_numbers, option_letters, parse_box
-from mcit.evaluation.normalize import Normalizer, tokenize_caption
+from mcit.evaluation.normalize import Normalizer, has_content, normalize_vqa_answer
 from mcit.schema import FLATTEN, from_mapping
 
 
@@ -94,6 +97,8 @@ class Scorer:
     """Base class: checks the inputs line up, then `score_aligned` does the scorer's work."""
 
     name: ClassVar[str] = "scorer"
+    reference_is_answer: ClassVar[bool] = True
+    """False where the answers come from ``meta["references"]`` (vqa, caption), which the scorer checks itself."""
 
     def __call__(self, predictions: list[str], references: list[str], metas: list[dict] | None = None) -> ScoreResult:
         if len(predictions) != len(references):
@@ -111,10 +116,19 @@ class Scorer:
             for i, value in enumerate(values):
                 if not isinstance(value, str):
                     raise EvalError(f"{self.name}: {kind} at index {i} is {type(value).__name__}, expected str")
+        if self.reference_is_answer:
+            for i, ref in enumerate(references):
+                if not has_content(ref):
+                    raise EvalError(_no_answer(self.name, i, ref))
         return self.score_aligned(predictions, references, [m or {} for m in metas])
 
     def score_aligned(self, predictions: list[str], references: list[str], metas: list[dict]) -> ScoreResult:
         raise NotImplementedError
+
+
+def _no_answer(scorer: str, index: int, reference: str) -> str:
+    return (f"{scorer}: the test file has no answer for sample {index} (reference {reference!r} is empty after "
+            "normalisation); fill in its answer or drop the sample")
 
 
 def _mean_result(per_sample: list[float], **details: Any) -> ScoreResult:
@@ -131,7 +145,13 @@ class ExactMatch(Scorer):
 
     def score_aligned(self, predictions: list[str], references: list[str], metas: list[dict]) -> ScoreResult:
         norm = self.normalizer
-        return _mean_result([float(norm(p) == norm(r)) for p, r in zip(predictions, references)])
+        scores = []
+        for i, (pred, ref) in enumerate(zip(predictions, references)):
+            want = norm(ref)
+            if not want:
+                raise EvalError(_no_answer(self.name, i, ref))
+            scores.append(float(has_content(pred) and norm(pred) == want))
+        return _mean_result(scores)
 
 
 @register_scorer("mc_letter")
@@ -228,10 +248,8 @@ class Contains(Scorer):
 
     def score_aligned(self, predictions: list[str], references: list[str], metas: list[dict]) -> ScoreResult:
         scores = []
-        for i, (pred, ref) in enumerate(zip(predictions, references)):
-            ref = " ".join(ref.split())
-            if not ref:
-                raise EvalError(f"contains: reference at index {i} is empty; it would match every prediction")
+        for pred, ref in zip(predictions, references):
+            ref = " ".join(ref.split())  # never empty: the base class refuses references without content
             pattern = r"(?<!\w)" + re.escape(ref).replace(r"\ ", r"\s+") + r"(?!\w)"
             scores.append(float(re.search(pattern, pred, re.IGNORECASE) is not None))
         return _mean_result(scores)
@@ -269,41 +287,60 @@ class BoxIoU(Scorer):
 
 
 CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+"""pycocoevalcap's names (COCOEvalCap.eval keys), SPICE left out: it downloads Stanford CoreNLP models at first use."""
+
+JAVA_REMEDY = "install a Java runtime, e.g. Debian's default-jre-headless; scripts/setup.sh does it"
 
 
 @register_scorer("caption", report="CIDEr")
 @register_scorer("caption_mean", report="mean")
 @dataclass
 class Caption(Scorer):
-    """pycocoevalcap's Bleu 1-4, ROUGE-L, CIDEr (and METEOR when allowed), on `tokenize_caption` tokens.
+    """The COCO caption metrics computed as pycocoevalcap's COCOEvalCap.evaluate computes them: both sides tokenised by
+    its PTBTokenizer (Stanford CoreNLP, java), then Bleu(4), METEOR (java), ROUGE-L and CIDEr on those tokens.
 
     Several reference captions per sample come from ``meta["references"]`` (a list); otherwise the reference string
-    is the only one. ``details`` holds every metric *100 and ``mean``, the mean of all computed metrics *100 -- the
-    number the UCIT tables report (they include METEOR; without java it is the mean of the other six). ``report``
-    chooses the task score: "CIDEr" (default) or "mean". Per-sample scores are per-image CIDEr clipped to [0, 1].
-    CIDEr's idf comes from the scored set itself, so one caption alone always gets CIDEr 0.
-    METEOR spawns a java process (-Xmx2G) per call, so it is off unless ``meteor=True`` and java is on PATH.
+    is the only one. ``details`` holds every metric *100 under pycocoevalcap's names and ``mean``, the mean of the
+    computed metrics *100 -- the number the UCIT tables report (METEOR included). ``report`` chooses the task score:
+    "CIDEr" (default), "mean" or any metric name. Per-sample scores are per-image CIDEr clipped to [0, 1] (0 for a
+    prediction without a letter or digit). CIDEr's idf comes from the scored set itself, so one caption alone
+    always gets CIDEr 0.
+
+    Deviations from COCOEvalCap: no SPICE; ``meteor=False`` leaves METEOR out (``mean`` over the other six, details
+    say ``"meteor": "off"``) because its java process takes seconds to start; a reference caption that is empty after
+    tokenisation is dropped rather than scored against; line breaks inside a caption become spaces before
+    tokenising (the tokenizer reads one caption per line and would shift every later caption otherwise).
     """
 
     name: ClassVar[str] = "caption"
+    reference_is_answer: ClassVar[bool] = False
     report: str = "CIDEr"
-    meteor: bool = False
+    meteor: bool = True
 
     def __post_init__(self) -> None:
         if self.report != "mean" and self.report not in CAPTION_METRICS:
             raise EvalError(f"caption: report must be 'mean' or one of {list(CAPTION_METRICS)}, got {self.report!r}")
+        if self.report == "METEOR" and not self.meteor:
+            raise EvalError("caption: report='METEOR' needs meteor=True")
 
     def score_aligned(self, predictions: list[str], references: list[str], metas: list[dict]) -> ScoreResult:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
 
-        res = {str(i): [tokenize_caption(p)] for i, p in enumerate(predictions)}
-        gts = {str(i): caption_references(i, r, m) for i, (r, m) in enumerate(zip(references, metas))}
+        require_java("caption")
+        raw_refs = {i: caption_references(i, r, m) for i, (r, m) in enumerate(zip(references, metas))}
+        gts = ptb_tokenize(raw_refs)
+        res = ptb_tokenize({i: [p] for i, p in enumerate(predictions)})
+        for i, refs in gts.items():
+            gts[i] = [r for r in refs if r]
+            if not gts[i]:
+                raise EvalError(f"caption: sample at index {i} has no non-empty reference caption after tokenisation "
+                                f"({raw_refs[i]!r})")
         metrics: dict[str, float] = {}
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         metrics.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
-        if self._meteor_available():
+        if self.meteor:
             metrics["METEOR"] = _meteor_score(gts, res)
         metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
         cider, per_image = Cider().compute_score(gts, res)
@@ -311,20 +348,23 @@ class Caption(Scorer):
         details: dict[str, Any] = {k: 100.0 * v for k, v in metrics.items()}
         details["mean"] = sum(details.values()) / len(metrics)
         details["n"] = len(predictions)
-        if self.report not in details:
-            raise EvalError("caption: report='METEOR' needs meteor=True and java on PATH")
-        per_sample = [min(1.0, max(0.0, float(c))) for c in per_image]
+        if not self.meteor:
+            details["meteor"] = "off"
+        per_sample = [min(1.0, max(0.0, float(c))) if has_content(p) else 0.0 for c, p in zip(per_image, predictions)]
         return ScoreResult(per_sample, details[self.report], details)
 
-    def _meteor_available(self) -> bool:
-        if self.meteor and shutil.which("java") is None:
-            warnings.warn("caption: meteor=True but java is not on PATH; METEOR skipped", stacklevel=3)
-            return False
-        return self.meteor
+
+def require_java(scorer: str) -> None:
+    """An EvalError naming the remedy when `java` is missing: the COCO tokenizer and METEOR are java programs, and a
+    Python stand-in would give numbers that differ from the papers' (no silent fallback)."""
+    if shutil.which("java") is None:
+        raise EvalError(f"{scorer}: `java` is not on PATH, and pycocoevalcap's PTBTokenizer and METEOR run in java; "
+                        f"{JAVA_REMEDY}")
 
 
 def caption_references(index: int, reference: str, meta: Mapping[str, Any]) -> list[str]:
-    """Tokenised reference captions of one sample: ``meta["references"]`` when given, else the reference string."""
+    """Reference captions of one sample: ``meta["references"]`` when given, else the reference string; captions
+    without a letter or digit are dropped, and a sample left with none is an error."""
     refs = meta.get("references")
     if refs is None:
         refs = [reference]
@@ -333,22 +373,130 @@ def caption_references(index: int, reference: str, meta: Mapping[str, Any]) -> l
     elif not isinstance(refs, (list, tuple)):
         raise EvalError(f"caption: sample at index {index}: meta['references'] must be a list of captions, got "
                         f"{type(refs).__name__}")
-    tokenised = [tokenize_caption(r) for r in refs if isinstance(r, str)]
-    tokenised = [t for t in tokenised if t]
-    if not tokenised:
+    for j, ref in enumerate(refs):
+        if not isinstance(ref, str):
+            raise EvalError(f"caption: sample at index {index}: meta['references'][{j}] is {type(ref).__name__}, "
+                            "expected str")
+    kept = [r for r in refs if has_content(r)]
+    if not kept:
         raise EvalError(f"caption: sample at index {index} has no non-empty reference caption")
-    return tokenised
+    return kept
 
 
-def _meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
+# Every character Python or the Java tokenizer may treat as a line end; the tokenizer reads one caption per line.
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
+_END_KEY, _END_MARK = "__end__", "endofcaptions"
+
+
+def ptb_tokenize(captions: Mapping[Any, list[str]]) -> dict[Any, list[str]]:
+    """pycocoevalcap's PTBTokenizer on ``{key: [caption, ...]}``, in the form COCOEvalCap hands it over
+    (``{key: [{"caption": text}]}``); returns ``{key: [tokenised caption, ...]}``.
+
+    The tokenizer pairs its output lines with the captions by position, so one caption read as two lines would shift
+    every later caption onto the wrong sample. Line breaks are made spaces first, and a known last caption checks
+    the pairing afterwards.
+    """
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    request: dict[Any, list[dict[str, str]]] = {
+        key: [{"caption": _LINE_BREAKS.sub(" ", caption)} for caption in caps] for key, caps in captions.items()
+    }
+    request[_END_KEY] = [{"caption": _END_MARK}]
+    tokens = PTBTokenizer().tokenize(request)
+    if tokens.pop(_END_KEY, None) != [_END_MARK] or any(len(tokens.get(k, ())) != len(v) for k, v in captions.items()):
+        raise EvalError("caption: pycocoevalcap's PTBTokenizer (java) returned lines out of step with the captions "
+                        "sent; check that java runs (`java -version`) and that the pycocoevalcap install is complete")
+    return tokens
+
+
+_METEOR: list[Any] = []
+"""The process's METEOR scorer, started on first use and kept: loading METEOR's paraphrase tables takes ~7 s of
+java start-up, which every caption task of every evaluation row would otherwise pay again. Its scores depend only on
+the captions sent (each EVAL request is scored alone), so reusing it changes no number."""
+
+
+def _meteor_score(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
     from pycocoevalcap.meteor.meteor import Meteor
 
-    meteor = Meteor()
+    if not _METEOR or _METEOR[0].meteor_p.poll() is not None:  # first use, or the java process died
+        _METEOR[:] = [Meteor()]
+        atexit.register(_close_meteor)
     try:
-        score, _ = meteor.compute_score(gts, res)
-    finally:
-        del meteor  # closes the java process now rather than at interpreter exit
+        score, _ = _METEOR[0].compute_score(gts, res)
+    except (OSError, ValueError) as exc:  # a broken pipe or an empty line: the java process is gone
+        _close_meteor()
+        raise EvalError(f"caption: METEOR's java process failed ({type(exc).__name__}: {exc}); run again, or set "
+                        f"scorer_options: {{meteor: false}} to leave METEOR out of the mean") from exc
     return float(score)
+
+
+def _close_meteor() -> None:
+    if _METEOR:
+        process = _METEOR.pop().meteor_p
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        process.kill()
+        process.wait()
+
+
+VQA_MIN_ANSWERS = 4
+"""Fewer human answers cannot reach accuracy 1: with n answers all equal to the prediction, each leave-one-out subset
+holds n - 1 matches, and min(1, matches / 3) needs 3."""
+
+
+@register_scorer("vqa")
+@dataclass
+class VQAAccuracy(Scorer):
+    """VQA accuracy (VQAv2, TextVQA, VizWiz): a prediction is right as far as enough humans gave the same answer.
+
+    The human answers (usually 10) come from ``meta["references"]``. The prediction and every human answer go through
+    `normalize_vqa_answer`; with the answers taken ten times, each leaving one out, the accuracy is the mean over
+    those subsets of min(1, matches among the remaining answers / 3). Task score = 100 * mean accuracy. The single
+    `answer` of a sample is never used: scoring against it alone would be a different metric.
+    """
+
+    name: ClassVar[str] = "vqa"
+    reference_is_answer: ClassVar[bool] = False
+
+    def score_aligned(self, predictions: list[str], references: list[str], metas: list[dict]) -> ScoreResult:
+        scores, counts = [], []
+        for i, (pred, meta) in enumerate(zip(predictions, metas)):
+            answers = vqa_human_answers(i, meta)
+            counts.append(len(answers))
+            scores.append(vqa_accuracy(pred, answers))
+        return _mean_result(scores, answers_per_question={"min": min(counts), "max": max(counts)})
+
+
+def vqa_human_answers(index: int, meta: Mapping[str, Any]) -> list[str]:
+    """The normalised human answers of one question, from ``meta["references"]``; errors name the sample."""
+    answers = meta.get("references")
+    if not isinstance(answers, (list, tuple)):
+        got = "none" if answers is None else f"a {type(answers).__name__}"
+        raise EvalError(f"vqa: sample {index} has no list of human answers in meta['references'] (got {got}); vqa "
+                        "scoring needs the human answers of every question (e.g. the 10 'answers' of the official "
+                        "annotation file) -- give them as the sample's answer list, or use exact_match")
+    for j, answer in enumerate(answers):
+        if not isinstance(answer, str):
+            raise EvalError(f"vqa: sample {index}: meta['references'][{j}] is {type(answer).__name__}, expected str")
+    if len(answers) < VQA_MIN_ANSWERS:
+        raise EvalError(f"vqa: sample {index} has {len(answers)} human answer(s) in meta['references']; VQA accuracy "
+                        f"needs at least {VQA_MIN_ANSWERS} (usually 10) to reach 1 -- give all the human answers, or "
+                        "use exact_match")
+    normalised = [normalize_vqa_answer(a) for a in answers]
+    if not any(has_content(a) for a in normalised):
+        raise EvalError(f"vqa: the test file has no answer for sample {index} (every human answer in "
+                        f"meta['references'] is empty after normalisation: {list(answers)!r})")
+    return normalised
+
+
+def vqa_accuracy(prediction: str, normalised_answers: Sequence[str]) -> float:
+    """Leave-one-out VQA accuracy of one prediction against normalised human answers; 0 for an empty prediction."""
+    pred = normalize_vqa_answer(prediction)
+    if not has_content(pred):
+        return 0.0
+    hits = [answer == pred for answer in normalised_answers]
+    total = sum(hits)
+    return sum(min(1.0, (total - hit) / 3) for hit in hits) / len(hits)
 
 
 def align_by_id(

@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -87,6 +87,15 @@ def all_gather_objects(value: Any) -> list[Any]:
     values: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(values, value)
     return values
+
+
+def on_main(compute: Callable[[], Any]) -> Any:
+    """`compute()` run by the main rank alone, its value returned on every rank (collective). For work every rank
+    would otherwise repeat with the same result and a real cost per process: caption scoring starts two java
+    processes (METEOR holds 2 GB), which eight ranks of a node would each start at once."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return compute()
+    return all_gather_objects(compute() if is_main() else None)[0]
 
 
 def _timeout() -> timedelta:

@@ -1,20 +1,20 @@
-"""Scorers: lenient normalisation, answer extraction, caption metrics against pycocoevalcap, id alignment, option
-validation and the registry."""
-
-import shutil
+"""Scorers: lenient normalisation, answer extraction, caption metrics against pycocoevalcap, VQA accuracy, id
+alignment, option validation and the registry. (Caption scores against COCOEvalCap itself on real captions:
+test_caption_pipeline.py; properties over random inputs: test_scorer_properties.py.)"""
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from mcit.data.cards import SCORERS
 from mcit.data.synthcit_scenes import parse_scene
 from mcit.errors import EvalError
 from mcit.evaluation import get_scorer as get_scorer_from_package
 from mcit.evaluation.extract import extract_letter, extract_yesno, find_numbers, parse_box
-from mcit.evaluation.normalize import Normalizer, tokenize_caption
-from mcit.evaluation.scorers import align_by_id, box_iou, get_scorer, scorer_names
+from mcit.evaluation.normalize import Normalizer, normalize_vqa_answer
+from mcit.evaluation.scorers import align_by_id, box_iou, get_scorer, ptb_tokenize, scorer_names
 
 CHOICES = {"choices": ["square", "circle", "star", "heart"]}
 
@@ -50,6 +50,47 @@ def test_lenient_exact_match_accepts_formatting_variants(prediction, reference):
 )
 def test_lenient_exact_match_keeps_real_differences(prediction, reference):
     assert get_scorer("exact_match")([prediction], [reference]).per_sample == [0.0]
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [("a", 1.0), ("A.", 1.0), (" A ", 1.0), ("", 0.0), (".", 0.0), ("  ", 0.0), ("the", 0.0), ("An", 0.0),
+     ("B", 0.0)],
+)
+def test_a_single_letter_answer_is_matched_only_by_that_letter(prediction, expected):
+    """ArxivQA-style letter answers: the article rule must not erase the letter "A" (then "", "." and "the" matched)."""
+    assert get_scorer("exact_match")([prediction], ["A"]).per_sample == [expected]
+
+
+def test_articles_are_dropped_only_beside_other_words():
+    norm = Normalizer()
+    assert (norm("a"), norm("The"), norm("an")) == ("a", "the", "an")
+    assert norm("a circle") == norm("the circle") == "circle"
+    assert norm("the a") == "the a"
+    assert get_scorer("exact_match")(["the"], ["a"]).per_sample == [0.0]
+    assert get_scorer("exact_match")(["The"], ["the"]).per_sample == [1.0]
+
+
+BLANK_REFERENCE_CASES = [
+    ("exact_match", "", {}), ("exact_match", " . ", {}), ("contains", "  ", {}), ("numeric", "?", {}),
+    ("yesno", "", {}), ("mc_letter", "()", {}), ("iou", "", {}), ("scene_attributes", " ", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "reference", "meta"), BLANK_REFERENCE_CASES)
+def test_a_reference_without_content_is_an_error_naming_the_sample(name, reference, meta):
+    with pytest.raises(EvalError, match=rf"^{name}: the test file has no answer for sample 1 "):
+        get_scorer(name)(["x", "x"], [_valid_reference(name), reference], [meta, meta])
+
+
+def _valid_reference(name):
+    return {"numeric": "3", "yesno": "yes", "mc_letter": "A", "iou": "[0, 0, 1, 1]",
+            "scene_attributes": "scene: small red circle at top left"}.get(name, "circle")
+
+
+def test_exact_match_reference_that_its_normaliser_empties_is_an_error():
+    with pytest.raises(EvalError, match="the test file has no answer for sample 0"):
+        get_scorer("exact_match")(["x"], ["_"])
 
 
 def test_number_words_stay_separate_when_they_do_not_form_one_number():
@@ -148,6 +189,9 @@ def test_extract_letter_accepts_option_text_only_with_choices():
     five = {"choices": ["a", "b", "c", "d", "e"]}
     assert extract_letter("E", five) == "E"
     assert extract_letter("C", {"choices": ["x", "y"]}) is None
+    # an empty answer names no option, not even one whose text is empty too
+    assert extract_letter("", {"choices": ["", "x"]}) is None
+    assert extract_letter(" . ", {"choices": ["...", "x"]}) is None
 
 
 def test_mc_letter_scorer_reads_letters_and_option_texts():
@@ -210,7 +254,7 @@ def test_contains_uses_word_boundaries_case_insensitively():
     refs = ["cat", "cat", "Fire hydrant", "c++"]
     assert scorer(preds, refs).per_sample == [1.0, 0.0, 1.0, 0.0]
     assert scorer(["use c++ here"], ["c++"]).per_sample == [1.0]
-    with pytest.raises(EvalError, match="reference at index 0 is empty"):
+    with pytest.raises(EvalError, match="the test file has no answer for sample 0"):
         scorer(["x"], ["  "])
 
 
@@ -254,14 +298,22 @@ CAPTION_REFS = ["a red circle on the left", "two blue squares", "a cat sitting o
 
 
 def _coco(preds, refs_per_sample):
-    res = {str(i): [tokenize_caption(p)] for i, p in enumerate(preds)}
-    gts = {str(i): [tokenize_caption(r) for r in refs] for i, refs in enumerate(refs_per_sample)}
+    """gts/res as COCOEvalCap builds them: pycocoevalcap's own PTBTokenizer on {id: [{"caption": ...}]}."""
+    tokenizer = PTBTokenizer()
+    res = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(preds)})
+    gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(refs_per_sample)})
     return gts, res
 
 
-def test_tokenize_caption_lowercases_and_strips_punctuation():
-    assert tokenize_caption("A red circle, on the LEFT.") == "a red circle on the left"
-    assert tokenize_caption("It's 3.5 m") == "its 3.5 m"
+def test_ptb_tokenize_lowercases_splits_and_drops_punctuation():
+    assert ptb_tokenize({0: ["A red circle, on the LEFT."], 1: ["It's 3.5 m"]}) == {
+        0: ["a red circle on the left"], 1: ["it 's 3.5 m"]}
+
+
+def test_ptb_tokenize_keeps_captions_paired_across_line_breaks():
+    """The java tokenizer reads one caption per line: a line break inside a caption must not shift later captions."""
+    captions = {0: ["a\rb", "c\u2028d"], 1: ["e\x0bf"], 2: ["g\x0ch\x85i"], 3: ["last one"]}
+    assert ptb_tokenize(captions) == {0: ["a b", "c d"], 1: ["e f"], 2: ["g h i"], 3: ["last one"]}
 
 
 def test_caption_scores_equal_pycocoevalcap_on_the_same_tokens():
@@ -270,7 +322,7 @@ def test_caption_scores_equal_pycocoevalcap_on_the_same_tokens():
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
 
-    result = get_scorer("caption")(CAPTION_PREDS, CAPTION_REFS)
+    result = get_scorer("caption", meteor=False)(CAPTION_PREDS, CAPTION_REFS)
     assert result.score == pytest.approx(100 * cider)
     assert result.details["CIDEr"] == pytest.approx(100 * cider)
     for n in range(4):
@@ -278,14 +330,15 @@ def test_caption_scores_equal_pycocoevalcap_on_the_same_tokens():
     assert result.details["ROUGE_L"] == pytest.approx(100 * rouge)
     expected_mean = 100 * (sum(bleu) + rouge + cider) / 6
     assert result.details["mean"] == pytest.approx(expected_mean)
-    assert "METEOR" not in result.details  # off by default: it spawns java
+    assert "METEOR" not in result.details and result.details["meteor"] == "off"
     assert result.per_sample == pytest.approx([min(1.0, max(0.0, c)) for c in per_image])
     assert per_image[0] > 1 and result.per_sample[0] == 1.0  # clipped
     assert 0 < result.per_sample[3] < 1
 
-    mean_result = get_scorer("caption_mean")(CAPTION_PREDS, CAPTION_REFS)
+    mean_result = get_scorer("caption_mean", meteor=False)(CAPTION_PREDS, CAPTION_REFS)
     assert mean_result.score == pytest.approx(expected_mean)
-    assert get_scorer("caption", report="mean")(CAPTION_PREDS, CAPTION_REFS).score == pytest.approx(expected_mean)
+    assert get_scorer("caption", report="mean", meteor=False)(CAPTION_PREDS, CAPTION_REFS).score \
+        == pytest.approx(expected_mean)
 
 
 def test_caption_uses_several_references_from_meta():
@@ -293,26 +346,100 @@ def test_caption_uses_several_references_from_meta():
     metas = [{"references": refs} for refs in many]
     gts, res = _coco(CAPTION_PREDS, many)
     cider, _ = Cider().compute_score(gts, res)
-    result = get_scorer("caption")(CAPTION_PREDS, ["ignored"] * 4, metas)
+    result = get_scorer("caption", meteor=False)(CAPTION_PREDS, ["ignored"] * 4, metas)
     assert result.score == pytest.approx(100 * cider)
     with pytest.raises(EvalError, match="index 1 has no non-empty reference"):
-        get_scorer("caption")(["x", "y"], ["a", "..."])
+        get_scorer("caption", meteor=False)(["x", "y"], ["a", "..."])
+    with pytest.raises(EvalError, match=r"index 0: meta\['references'\]\[1\] is int"):
+        get_scorer("caption", meteor=False)(["x"], ["a"], [{"references": ["a", 3]}])
+
+
+def test_caption_empty_prediction_scores_zero_and_leaves_the_others_alone():
+    base = get_scorer("caption", meteor=False)(CAPTION_PREDS, CAPTION_REFS)
+    blank = get_scorer("caption", meteor=False)(["", *CAPTION_PREDS[1:]], CAPTION_REFS)
+    assert blank.per_sample[0] == 0.0
+    assert blank.per_sample[1:] == pytest.approx(base.per_sample[1:])
 
 
 def test_caption_report_option_is_validated():
     with pytest.raises(EvalError, match="report must be"):
         get_scorer("caption", report="SPICE")
-    with pytest.raises(EvalError, match="meteor=True"):
-        get_scorer("caption", report="METEOR")(CAPTION_PREDS, CAPTION_REFS)
+    with pytest.raises(EvalError, match="report='METEOR' needs meteor=True"):
+        get_scorer("caption", report="METEOR", meteor=False)
+    assert get_scorer("caption").meteor is True  # on by default: the papers' mean includes it
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
-def test_caption_meteor_joins_the_mean_when_allowed():
-    result = get_scorer("caption", meteor=True)(CAPTION_PREDS, CAPTION_REFS)
-    assert 0 < result.details["METEOR"] <= 100
-    others = [result.details[k] for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")]
-    assert result.details["mean"] == pytest.approx((sum(others) + result.details["METEOR"]) / 7)
+# --- vqa --------------------------------------------------------------------------------------------------------
+
+
+def _leave_one_out(prediction, answers):
+    """VQA accuracy from its definition: each human answer left out in turn, min(1, matches among the rest / 3)."""
+    accuracies = []
+    for left_out in range(len(answers)):
+        rest = answers[:left_out] + answers[left_out + 1:]
+        accuracies.append(min(1.0, sum(answer == prediction for answer in rest) / 3))
+    return sum(accuracies) / len(accuracies)
+
+
+@pytest.mark.parametrize(("matching", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_is_the_leave_one_out_mean(matching, expected):
+    others = ["cat", "bird", "horse", "cow", "sheep", "pig", "goat", "duck", "fox", "owl"]
+    answers = ["dog"] * matching + others[: 10 - matching]
+    assert _leave_one_out("dog", answers) == pytest.approx(expected)
+    result = get_scorer("vqa")(["dog"], ["dog"], [{"references": answers}])
+    assert result.per_sample == pytest.approx([expected])
+    assert result.score == pytest.approx(100 * expected)
+
+
+def test_vqa_normalises_prediction_and_human_answers_alike():
+    answers = ["2", "two", "Two.", "2", "dog", "the dog.", "don't", "dont", "dog", "3"]
+    metas = [{"references": answers}]
+    normalised = [normalize_vqa_answer(a) for a in answers]
+    for prediction, canonical in (("Two", "2"), ("the dog.", "dog"), ("dont", "don't"), ("DOG!", "dog")):
+        assert normalize_vqa_answer(prediction) == canonical
+        expected = _leave_one_out(canonical, normalised)
+        assert get_scorer("vqa")([prediction], ["x"], metas).per_sample == pytest.approx([expected])
+    assert get_scorer("vqa")(["2"], ["x"], metas).per_sample == [1.0]  # four answers say 2
+    assert get_scorer("vqa")(["don't"], ["x"], metas).per_sample == pytest.approx([0.6])
+
+
+@pytest.mark.parametrize(("text", "normalised"), [
+    ("  Yes\n", "yes"), ("1,000", "1000"), ("3.5", "3.5"), ("3.", "3"), ("black/white", "black white"),
+    ("black / white", "black white"), ("x-ray", "x ray"), ("an apple", "apple"), ("a", "a"), ("The", "the"),
+    ("none", "0"), ("ten", "10"), ("eleven", "eleven"), ("youre", "you're"), ("it's", "it's"),
+])
+def test_vqa_answer_normalisation_rules(text, normalised):
+    assert normalize_vqa_answer(text) == normalised
+
+
+def test_vqa_empty_prediction_scores_zero_even_against_empty_human_answers():
+    answers = ["", "", "", "", "yes", "yes", "yes", "yes", "...", "?"]
+    result = get_scorer("vqa")(["", " . ", "yes"], ["x"] * 3, [{"references": answers}] * 3)
+    assert result.per_sample == [0.0, 0.0, 1.0]
+
+
+def test_vqa_details_and_mean():
+    metas = [{"references": ["red"] * 10}, {"references": ["blue"] * 4 + ["green"] * 6}]
+    result = get_scorer("vqa")(["red", "green"], ["red", "green"], metas)
+    assert result.per_sample == [1.0, 1.0]
+    assert result.details == {"n": 2, "answers_per_question": {"min": 10, "max": 10}}
+    result = get_scorer("vqa")(["red", "blue"], ["a", "b"], [{"references": ["red"] * 5}, metas[1]])
+    assert result.details["answers_per_question"] == {"min": 5, "max": 10}
+    assert result.score == pytest.approx(100 * (1.0 + 1.0) / 2)
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ({}, r"vqa: sample 1 has no list of human answers in meta\['references'\] \(got none\); vqa scoring needs the "
+         r"human answers"),
+    ({"references": "dog"}, r"sample 1 has no list of human answers .*\(got a str\)"),
+    ({"references": ["dog", "dog", "dog"]}, r"sample 1 has 3 human answer\(s\).*at least 4"),
+    ({"references": ["dog"] * 9 + [None]}, r"sample 1: meta\['references'\]\[9\] is NoneType"),
+    ({"references": ["", "?", ".", " ", ""]}, r"the test file has no answer for sample 1"),
+])
+def test_vqa_refuses_questions_without_human_answers(meta, message):
+    """Never scored against the single answer: that would be another metric under the VQA name."""
+    with pytest.raises(EvalError, match=message):
+        get_scorer("vqa")(["dog", "dog"], ["dog", "dog"], [{"references": ["dog"] * 10}, meta])
 
 
 # --- id alignment -----------------------------------------------------------------------------------------------
