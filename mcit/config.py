@@ -173,10 +173,16 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+def read_extended_yaml(path: Path, what: str = "recipe") -> dict:
+    """A YAML mapping with its `extends:` chain deep-merged (the file wins over what it extends); `what` names the
+    kind of file in error messages (recipes and evaluation suites share the mechanism)."""
+    return _read_yaml(path, what=what)
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = (), what: str = "recipe") -> dict:
     if not path.is_file():
         where = f" (extended from {chain[-1]})" if chain else ""
-        raise RecipeError(f"recipe file not found: {path}{where}")
+        raise RecipeError(f"{what} file not found: {path}{where}")
     if path in chain:
         raise RecipeError(f"{path}: `extends` loops back: {' -> '.join(map(str, chain + (path,)))}")
     try:
@@ -186,13 +192,13 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         line = f" line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+        raise RecipeError(f"{path}: a {what} is a mapping of keys, got {type(data).__name__}")
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: extends: expected a path (string), got {parent!r}")
-    base = _read_yaml((path.parent / parent).resolve(), chain + (path,))
+    base = _read_yaml((path.parent / parent).resolve(), chain + (path,), what)
     return _deep_merge(base, data)
 
 
