@@ -42,6 +42,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mcit.workflows.evaluate import evaluate_checkpoint
 
+    if args.suite is not None or args.checkpoints:
+        if args.suite is None or not args.checkpoints or args.checkpoint or args.benchmark:
+            raise McitError("mcit eval: give a suite and --checkpoints (mcit eval eval/synthcit-heldout.yaml "
+                            "--checkpoints runs/quickstart), or --checkpoint and --benchmark, not a mix")
+        from mcit.workflows.suite import evaluate_suite
+
+        out = args.output or f"eval-{Path(args.suite).stem}"
+        path = evaluate_suite(args.suite, args.checkpoints, output_dir=out, max_test=args.max_test)
+        print(f"results: {path}\nreport:  {path.parent / 'report.html'}")
+        return 0
+    if not (args.checkpoint and args.benchmark):
+        raise McitError("mcit eval: --checkpoint and --benchmark are both needed (or a suite and --checkpoints)")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     path = evaluate_checkpoint(args.checkpoint, args.benchmark, tasks=tasks, output_dir=args.output,
                                recipe_path=args.recipe, max_test=args.max_test, batch_size=args.batch_size,
@@ -107,11 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark", description=(
         "Evaluate a run's stage checkpoint, a PEFT adapter folder, an HF model (id or folder) or builtin:tiny-llava "
         "on a data card's tasks, including tasks the model never trained on."))
-    p.add_argument("--checkpoint", required=True, help="checkpoints/stage-XX-* folder, adapter folder or model")
-    p.add_argument("--benchmark", required=True, help="data card name or path")
+    p.add_argument("suite", nargs="?", help="an evaluation suite (eval/*.yaml or a shipped suite's name); with "
+                   "--checkpoints: every checkpoint on every suite task, one results.json and report")
+    p.add_argument("--checkpoints", nargs="+", help="run folders (base model + every stage), stage folders, adapters, "
+                   "exported expert sets, models")
+    p.add_argument("--checkpoint", help="checkpoints/stage-XX-* folder, adapter folder or model")
+    p.add_argument("--benchmark", help="data card name or path")
     p.add_argument("--tasks", help="comma-separated task subset")
     p.add_argument("--output", help="folder for results.json and predictions (default: RUN/eval/STAGE-CARD for a run's stage "
-                   "folder, else FOLDER/eval-CARD)")
+                   "folder, else FOLDER/eval-CARD; a suite: ./eval-SUITE)")
     p.add_argument("--recipe", help="recipe for a bare model/adapter (model settings, eval settings)")
     p.add_argument("--max-test", type=int, help="evaluate at most this many samples per task")
     p.add_argument("--batch-size", type=int, default=64)

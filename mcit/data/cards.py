@@ -26,7 +26,7 @@ from mcit.errors import DataError
 from mcit.schema import NOT_A_KEY, from_mapping, suggest
 
 SCORERS = ("exact_match", "mc_letter", "numeric", "yesno", "contains", "caption", "caption_mean", "iou", "vqa",
-           "mllm_dcl", "scene_attributes")
+           "mllm_dcl", "scene_attributes", "mme", "pope", "mmbench", "seed_bench")
 """The scorer names a card may use. Cards are validated here, below the evaluation layer, so the names are declared
 here; `mcit.evaluation.scorers.register_scorer` refuses any other name."""
 SPLITS = ("train", "test")

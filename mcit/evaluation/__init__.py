@@ -6,7 +6,7 @@ Modules holding scorers register them when imported, so they are imported here: 
 of one of its modules (``from mcit.evaluation.scorers import get_scorer`` runs this file first) sees every scorer.
 """
 
-from mcit.evaluation import published  # noqa: F401  (registers mllm_dcl)
+from mcit.evaluation import general, published  # noqa: F401  (register mme/pope/mmbench/seed_bench, mllm_dcl)
 from mcit.evaluation.scorers import get_scorer
 
 __all__ = ["get_scorer"]

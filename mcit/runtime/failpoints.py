@@ -14,7 +14,8 @@ NAME in this process. The rank is the launcher's `RANK` variable (0 outside a la
 
 Points in the code: `train.step` (after an optimizer step, mcit/train/loop.py), `eval.task` (after one task of an
 evaluation row is scored and its predictions written, mcit/evaluation/evaluate.py), `checkpoint.write` (every file
-and the manifest of a checkpoint written and fsynced, before the rename that publishes it, mcit/runs/checkpoint.py).
+and the manifest of a checkpoint written and fsynced, before the rename that publishes it, mcit/runs/checkpoint.py),
+`suite.cell` (after a cell of `mcit eval SUITE --checkpoints ...` is written, mcit/workflows/suite.py).
 """
 
 from __future__ import annotations
