@@ -179,6 +179,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [a for a in extra if a not in late]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    suite = getattr(args, "suite", None)
+    if suite is not None and "=" in suite:  # `mcit eval ... x=1`: an override where eval takes none
+        parser.error(f"unrecognized arguments: {suite} (mcit eval takes no key=value overrides)")
     if late:
         args.overrides = [*args.overrides, *late]
     return args
