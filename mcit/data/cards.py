@@ -26,7 +26,7 @@ from mcit.errors import DataError
 from mcit.schema import NOT_A_KEY, from_mapping, suggest
 
 SCORERS = ("exact_match", "mc_letter", "numeric", "yesno", "contains", "caption", "caption_mean", "iou", "vqa",
-           "mllm_dcl", "scene_attributes", "mme", "pope", "mmbench", "seed_bench")
+           "mllm_dcl", "mme", "pope", "mmbench", "seed_bench", "scene_attributes")
 """The scorer names a card may use. Cards are validated here, below the evaluation layer, so the names are declared
 here; `mcit.evaluation.scorers.register_scorer` refuses any other name."""
 SPLITS = ("train", "test")
@@ -297,13 +297,10 @@ class DataCard:
         """The answer signature learned from the task's training answers (`AnswerSignature.to_dict()`), which the
         format check uses to tell superficial from essential forgetting when the task has no candidate list; None
         for a task without a training file or without any answer."""
-        spec = self.task(name)
-        if spec.train is None:
+        if self.task(name).train is None:
             return None
         if name not in self._signature_cache:
-            train = load_split(self.annotation_path(name, "train"), image_root=self.image_root(name), task=name,
-                               fmt=spec.format, skip_malformed=True)
-            answers = [s.answer for s in train if s.answer.strip()]
+            answers = self._training_answers(name)
             self._signature_cache[name] = AnswerSignature.learn(answers).to_dict() if answers else None
         return self._signature_cache[name]
 
@@ -313,10 +310,16 @@ class DataCard:
         if spec.candidates != "auto":
             return list(spec.candidates) if spec.candidates is not None else None
         if name not in self._candidate_cache:
-            train = load_split(self.annotation_path(name, "train"), image_root=self.image_root(name), task=name,
-                               fmt=spec.format, skip_malformed=True)
-            self._candidate_cache[name] = sorted({s.answer.strip() for s in train if s.answer.strip()})
+            self._candidate_cache[name] = sorted({a.strip() for a in self._training_answers(name)})
         return list(self._candidate_cache[name])
+
+    def _training_answers(self, name: str) -> list[str]:
+        """The non-empty answers of the task's training file (what `candidates: auto` and the signature learn from;
+        malformed records are skipped here, `validate` reports them)."""
+        spec = self.task(name)
+        train = load_split(self.annotation_path(name, "train"), image_root=self.image_root(name), task=name,
+                           fmt=spec.format, skip_malformed=True)
+        return [s.answer for s in train if s.answer.strip()]
 
     def _where(self) -> str:
         return str(self.path) if self.path else f"data card {self.name!r}"
