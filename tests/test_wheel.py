@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, mcit
 from mcit.data.cards import available_cards, load_card
+from mcit.evaluation.suites import available_suites, load_suite
 from mcit.models.tiny import ASSET_DIR
 from mcit.train.deepspeed import build_ds_config
 from mcit.workflows.train import deepspeed_template
@@ -29,7 +30,8 @@ config = build_ds_config(template, micro_batch=2, grad_accum=3, lr=1e-4, weight_
 print(json.dumps({"mcit": mcit.__file__, "card": str(card.path), "tasks": card.task_names, "cards": available_cards(),
                   "template": str(template), "stage": config["zero_optimization"]["stage"],
                   "micro_batch": config["train_micro_batch_size_per_gpu"],
-                  "tiny": (ASSET_DIR / "model.safetensors").is_file()}))
+                  "tiny": (ASSET_DIR / "model.safetensors").is_file(), "suites": available_suites(),
+                  "suite": str(load_suite("synthcit-heldout").path)}))
 """
 
 
@@ -40,7 +42,11 @@ def test_installed_wheel_ships_cards_and_deepspeed_templates(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    shutil.copytree(ROOT / "mcit", source / "mcit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # The suites live in eval/ at the root; mcit/assets/eval links there and the build must follow the link.
+    shutil.copytree(ROOT / "mcit", source / "mcit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                    symlinks=True)
+    shutil.copytree(ROOT / "eval", source / "eval")
+    assert (source / "mcit" / "assets" / "eval").is_symlink()
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-w", str(dist),
                     "--quiet"], cwd=source, check=True, timeout=600)
@@ -68,3 +74,5 @@ def test_installed_wheel_ships_cards_and_deepspeed_templates(tmp_path):
     assert Path(found["template"]).is_relative_to(installed)
     assert found["stage"] == 3 and found["micro_batch"] == 2
     assert found["tiny"]
+    assert found["suites"] == sorted(p.stem for p in (ROOT / "eval").glob("*.yaml"))
+    assert Path(found["suite"]).is_relative_to(installed)

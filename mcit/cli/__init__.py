@@ -2,12 +2,14 @@
 
     mcit train RECIPE [key=value ...]        run a recipe's task sequence (resumes a killed run)
     mcit eval --checkpoint PATH --benchmark CARD [--tasks a,b]
+    mcit eval SUITE --checkpoints A B ...    every checkpoint (a run: its base and stages) on every suite task
     mcit export RUN_OR_CHECKPOINT --out DIR [--push REPO]
     mcit analyze cka --checkpoints A B ... --benchmark CARD   layer-wise CKA between task models
     mcit report RUN [RUN ...]                report.md / report.html with plots
     mcit data build synthcit | validate CARD | list
     mcit launch RECIPE [--nproc N] [--hostfile F | --no-ssh --node-rank R --nnodes N --master-addr A]
                                              the same recipe under the deepspeed launcher
+    mcit launch [launch flags] eval SUITE --checkpoints A B ...   a suite evaluation split over the ranks
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.suite is None or not args.checkpoints or args.checkpoint or args.benchmark:
             raise McitError("mcit eval: give a suite and --checkpoints (mcit eval eval/synthcit-heldout.yaml "
                             "--checkpoints runs/quickstart), or --checkpoint and --benchmark, not a mix")
+        from mcit.runtime import dist
         from mcit.workflows.suite import evaluate_suite
 
         out = args.output or f"eval-{Path(args.suite).stem}"
         path = evaluate_suite(args.suite, args.checkpoints, output_dir=out, max_test=args.max_test)
-        print(f"results: {path}\nreport:  {path.parent / 'report.html'}")
+        if dist.is_main():
+            print(f"results: {path}\nreport:  {path.parent / 'report.html'}")
         return 0
     if not (args.checkpoint and args.benchmark):
         raise McitError("mcit eval: --checkpoint and --benchmark are both needed (or a suite and --checkpoints)")
@@ -160,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("launch", help="run a recipe under the deepspeed launcher", description=(
-        "Run `mcit train RECIPE` under the deepspeed launcher: on this node (every visible GPU), on the nodes of a "
+        "Run `mcit train RECIPE` (or `mcit eval SUITE --checkpoints ...`) under the deepspeed launcher: on this node (every visible GPU), on the nodes of a "
         "--hostfile from node 0 over ssh (forwarding the MCIT_* variables), or with --no-ssh on every node "
         "yourself (e.g. one task per node under SLURM). See docs/DISTRIBUTED.md."))
     from mcit.cli.launch import add_arguments as add_launch_arguments
@@ -169,9 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LAUNCH_VALUED = ("--nproc", "--hostfile", "--node-rank", "--nnodes", "--master-addr", "--master-port")
+
+
+def _launched_eval(argv: list[str]) -> int | None:
+    """Where `eval` starts in `mcit launch [launch flags] eval SUITE --checkpoints ...` (the launcher runs that
+    evaluation on every rank), or None for a launched recipe."""
+    if not argv or argv[0] != "launch":
+        return None
+    k = 1
+    while k < len(argv):
+        token = argv[k]
+        if token in _LAUNCH_VALUED:
+            k += 2
+        elif token.startswith("-"):
+            k += 1
+        else:
+            return k if token == "eval" else None
+    return None
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; `key=value` overrides may also follow the options (`mcit launch r.yaml --nproc 8 x=1`),
     which argparse alone refuses once an option has ended the positional list."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    start = _launched_eval(argv)
+    if start is not None:  # the launch flags, then the eval command, checked here before anything is launched
+        args = build_parser().parse_args([*argv[:start], "eval"])
+        program = parse(argv[start:])
+        if program.suite is None or not program.checkpoints:
+            build_parser().error("mcit launch ... eval: a suite and --checkpoints (mcit launch --nproc 8 eval "
+                                 "eval/general.yaml --checkpoints runs/a); one --checkpoint runs without a launcher")
+        args.program = argv[start:]
+        return args
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     takes_overrides = hasattr(args, "overrides")

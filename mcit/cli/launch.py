@@ -15,7 +15,8 @@ from mcit.errors import McitError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mcit launch`; `mcit.cli` builds the `launch` subparser and calls `args.func(args)`."""
-    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("recipe", help="recipe YAML file (or `eval SUITE --checkpoints ...`: a suite evaluation, its "
+                        "samples split over the ranks)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, as for mcit train")
     parser.add_argument("--nproc", type=int, help="processes per node (default: the GPUs visible here, honouring "
                         "CUDA_VISIBLE_DEVICES; 2 with --cpu; with --hostfile: the hostfile's slots)")
@@ -180,8 +181,8 @@ def run_launch(args: argparse.Namespace) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="mcit-launch-") as tmp:
-        cmd = [launcher, *_launcher_args(args, Path(tmp)), "--no_local_rank", "--module", "mcit", "train",
-               args.recipe, *args.overrides]
+        program = getattr(args, "program", None) or ["train", args.recipe, *args.overrides]
+        cmd = [launcher, *_launcher_args(args, Path(tmp)), "--no_local_rank", "--module", "mcit", *program]
         if args.hostfile and not args.no_ssh:
             env["DS_ENV_FILE"] = str(_forward_environment(env, Path(tmp), cpu=args.cpu))
         print(" ".join(cmd), file=sys.stderr)

@@ -29,8 +29,9 @@ from mcit.data.cards import DataCard, card_from_dict, load_card
 from mcit.errors import DataError, EvalError, RecipeError
 from mcit.schema import NOT_A_KEY, from_mapping, suggest
 
-SUITES_DIR = Path(__file__).resolve().parents[2] / "eval"
-"""The shipped suites (`eval/` at the repository root), found by bare name (`mcit eval synthcit-heldout ...`)."""
+SUITES_DIR = Path(__file__).resolve().parents[1] / "assets" / "eval"
+"""The shipped suites, found by bare name (`mcit eval synthcit-heldout ...`): `eval/` at the repository root, which
+`mcit/assets/eval` links to, so an installed wheel carries them too."""
 REPORTED = ("score", "format", "superficial", "essential", "constrained")
 _CARD_TASK_OVERRIDES = ("scorer", "scorer_options", "max_test", "eval_suffix")
 

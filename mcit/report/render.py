@@ -236,6 +236,9 @@ def _run_section(doc: Document, run: Run, prefix: str, level: int) -> None:
     if run.asd is not None or run.asd_problem:
         _asd_section(doc, run, level + 1)
 
+    if run.suites or run.suite_problems:
+        _suites_section(doc, run, prefix, level + 1)
+
     if run.loss:
         doc.heading(level + 1, "Training loss")
         if run.skipped_log_lines:
@@ -246,6 +249,32 @@ def _run_section(doc: Document, run: Run, prefix: str, level: int) -> None:
     if examples:
         doc.heading(level + 1, "Example errors on earlier tasks")
         doc.table(["task", "label", "prediction", "reference"], examples)
+
+
+def _suites_section(doc: Document, run: Run, prefix: str, level: int) -> None:
+    """Suites evaluated on the run's stages (`mcit eval SUITE --checkpoints RUN`): scores over the stages and the
+    retention, each stage's score minus the base model's (negative: general ability lost)."""
+    doc.heading(level, "Evaluation suites")
+    for line in run.suite_problems:
+        doc.para(line)
+    for name, data in run.suites.items():
+        tasks, stages = data["tasks"], data["checkpoints"]
+        doc.heading(level + 1, f"Suite {name}")
+        doc.para(f"{data.get('suite_description') or ''} Evaluated with `mcit eval`; the whole evaluation: "
+                 f"{data.get('evaluation', '?')}. Retention: each stage's score minus the base model's.".strip())
+        doc.table(["checkpoint", *tasks, "mean"],
+                  [[label, *map(fmt, row), fmt(finite_mean(row))] for label, row in zip(stages, data["score"])])
+        ret = data["retention"]
+        doc.table(["stage", *[f"Δ {t}" for t in tasks], "Δ mean"],
+                  [[label.split("/", 1)[-1], *map(fmt, drops), fmt(ret["mean"][label])]
+                   for label, drops in ret["per_task"].items()])
+        doc.image(plots.scores_over_stages(data["score"], stages, tasks,
+                                           doc.out_dir / f"{prefix}suite_{_file_part(name)}.png"),
+                  f"suite {name} over the stages")
+
+
+def _file_part(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
 def _asd_section(doc: Document, run: Run, level: int) -> None:

@@ -42,6 +42,10 @@ class Run:
     """asd_stats.json: what Answer Style Diversification converted (None: the run used no ASD)."""
     asd_problem: str | None = None
     """Why an existing asd_stats.json could not be read (the report says so instead of failing)."""
+    suites: dict[str, dict] = field(default_factory=dict)
+    """Evaluation suites run on this run's stages (`<run>/suites/<suite>.json`, written by `mcit eval SUITE
+    --checkpoints RUN`): the suite's scores per stage and the retention against the base model."""
+    suite_problems: list[str] = field(default_factory=list)
 
     @property
     def tasks(self) -> list[str]:
@@ -130,7 +134,29 @@ def load_run(run_dir: Path) -> Run:
         run.asd = RunFolder(run.path).read_asd_stats()
     except (OSError, ValueError) as err:
         run.asd_problem = f"{RunFolder(run.path).asd_stats}: not readable ({err})"
+    run.suites, run.suite_problems = load_suites(RunFolder(run.path).suites)
     return run
+
+
+SUITE_KEYS = ("suite", "tasks", "checkpoints", "score", "retention")
+
+
+def load_suites(folder: Path) -> tuple[dict[str, dict], list[str]]:
+    """Every suite extract filed in a run folder, by suite name, and a line for each unreadable one (the report says
+    so instead of failing: the run's own results are intact)."""
+    suites: dict[str, dict] = {}
+    problems: list[str] = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            missing = [k for k in SUITE_KEYS if k not in data] if isinstance(data, dict) else list(SUITE_KEYS)
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+        except (OSError, ValueError) as err:
+            problems.append(f"{path}: not a suite evaluation's extract ({err})")
+            continue
+        suites[str(data["suite"])] = data
+    return suites, problems
 
 
 def label_runs(runs: list[Run]) -> None:

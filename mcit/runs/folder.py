@@ -74,6 +74,8 @@ class RunFolder:
         self.analysis = self.root / "analysis"
         self.asd_stats = self.root / "asd_stats.json"
         self.asd_rewrites = self.root / "asd" / "rewrites.jsonl"
+        self.suites = self.root / "suites"
+        """`mcit eval SUITE --checkpoints RUN` files the run's rows here (`<suite>.json`), for `mcit report`."""
 
     @classmethod
     def of_stage(cls, stage_dir: Path) -> RunFolder:

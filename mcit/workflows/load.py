@@ -182,6 +182,7 @@ def load_checkpoint(checkpoint: str, recipe: Recipe | None = None):
             raise CheckpointError(f"{path}: stage checkpoint without its run's recipe.yaml at {run_recipe}")
         recipe = load_recipe(run_recipe)
         model, processor, method = rebuild_stage(path, recipe)
+        check_tokenizer_fits(model, processor, path)
         return model, processor, method, recipe
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -189,9 +190,34 @@ def load_checkpoint(checkpoint: str, recipe: Recipe | None = None):
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         recipe = recipe or recipe_from_dict({"output_dir": str(path), "model": {"name_or_path": base}})
         model, processor = load_base(recipe.model)
-        model = PeftModel.from_pretrained(model, str(path))
+        try:
+            model = PeftModel.from_pretrained(model, str(path))
+        except RuntimeError as exc:  # torch's "size mismatch for ..." when the adapter was trained on another base
+            if "size mismatch" not in str(exc):
+                raise
+            first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+            raise CheckpointError(f"{path}: the adapter does not fit the base model {recipe.model.name_or_path!r} "
+                                  f"(adapter_config.json names {base!r}): {first}; it was trained on a base of "
+                                  f"other dimensions") from None
+        check_tokenizer_fits(model, processor, path)
         return model, processor, Checkpoint(recipe, None), recipe
     recipe = recipe or recipe_from_dict({"output_dir": ".", "model": {"name_or_path": checkpoint}})
     recipe.model.name_or_path = checkpoint
     model, processor = load_base(recipe.model)
+    check_tokenizer_fits(model, processor, checkpoint)
     return model, processor, Checkpoint(recipe, None), recipe
+
+
+def check_tokenizer_fits(model, processor, where: str | Path) -> None:
+    """A tokenizer with more tokens than the model has embedding rows (a checkpoint folder holding another base's
+    tokenizer, or added tokens without `resize_token_embeddings`) would index past the embedding table: an index error
+    on CPU, a device-side assert on a GPU, in the middle of an evaluation. Refused when loaded instead."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or tokenizer is None:
+        return
+    if len(tokenizer) > rows:
+        raise CheckpointError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table "
+                              f"{rows} rows; the tokenizer belongs to another base (or tokens were added without "
+                              f"resizing the embeddings)")

@@ -28,7 +28,7 @@ from mcit.report.render import Document, fmt
 from mcit.runs.folder import RunFolder
 from mcit.runtime import dist, failpoints
 from mcit.runtime.files import write_json_atomic, write_text_atomic
-from mcit.workflows.load import align_boxes, load_checkpoint
+from mcit.workflows.load import align_boxes, exported_stage, load_checkpoint
 
 COLUMNS = {"score": "score", "format": "format_rate", "superficial": "superficial", "essential": "essential",
            "constrained": "constrained"}
@@ -43,6 +43,8 @@ class CheckpointItem:
     """A run's recipe: model settings for its base-model row."""
     run: str | None = None
     """The run folder's name for rows of a run (their retention is measured against `<run>/base`)."""
+    run_dir: Path | None = None
+    """The run folder itself: the suite's rows of the run are also filed there, for `mcit report`."""
 
 
 def expand_checkpoints(items: list[str]) -> list[CheckpointItem]:
@@ -51,14 +53,15 @@ def expand_checkpoints(items: list[str]) -> list[CheckpointItem]:
     for item in items:
         path = Path(item).expanduser()
         folder = RunFolder(path)
-        if path.is_dir() and folder.recipe.is_file() and folder.checkpoints.is_dir():
+        if path.is_dir() and folder.recipe.is_file() and folder.checkpoints.is_dir() and not _expert_export(path):
             stages = folder.stage_dirs()
             if not stages:
                 raise CheckpointError(f"{path}: a run folder without stage checkpoints (checkpoints/stage-XX-*)")
             recipe = load_recipe(folder.recipe, settings_only=True)
             name = path.resolve().name
-            out.append(CheckpointItem(f"{name}/base", recipe.model.name_or_path, folder.recipe, name))
-            out += [CheckpointItem(f"{name}/{stages[k].name}", str(stages[k]), None, name) for k in sorted(stages)]
+            out.append(CheckpointItem(f"{name}/base", recipe.model.name_or_path, folder.recipe, name, folder.root))
+            out += [CheckpointItem(f"{name}/{stages[k].name}", str(stages[k]), None, name, folder.root)
+                    for k in sorted(stages)]
         else:
             out.append(CheckpointItem(path.resolve().name if path.exists() else item, item))
     labels = [c.label for c in out]
@@ -68,20 +71,52 @@ def expand_checkpoints(items: list[str]) -> list[CheckpointItem]:
     return out
 
 
+def _expert_export(path: Path) -> bool:
+    """An `mcit export --experts` folder: a run's shape (recipe.yaml, checkpoints/ with its one stage), one checkpoint
+    (its PROVENANCE.json says so; a one-task run folder has the same shape and stands for two rows)."""
+    provenance = path / "PROVENANCE.json"
+    if exported_stage(path) is None or not provenance.is_file():
+        return False
+    try:
+        return json.loads(provenance.read_text(encoding="utf-8")).get("artifact") == "experts"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
 
-def _read_cell(path: Path) -> TaskResult | None:
+def _read_cell(path: Path, inputs: dict[str, Any]) -> TaskResult | None:
+    """A finished cell of an earlier (interrupted) evaluation into the same folder, or None. A cell written for other
+    inputs (another checkpoint path, sample limit, task definition or generation setting) is refused: reusing it would
+    mix two evaluations in one results.json."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return TaskResult(**{f.name: data[f.name] for f in dataclasses.fields(TaskResult)})
+        result = TaskResult(**{f.name: data[f.name] for f in dataclasses.fields(TaskResult)})
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise EvalError(f"{path}: an unreadable result cell from an earlier run ({type(exc).__name__}); cells are "
                         f"written atomically, so something else changed it: delete it to evaluate that cell again"
                         ) from exc
+    before = data.get("inputs")
+    if before != inputs:
+        changed = sorted(k for k in set(inputs) | set(before or {}) if (before or {}).get(k) != inputs.get(k))
+        raise EvalError(f"{path}: this output folder holds a cell of a different evaluation ({', '.join(changed)} "
+                        f"changed, e.g. {changed[0]}: {(before or {}).get(changed[0])!r} then, "
+                        f"{inputs.get(changed[0])!r} now); pass another --output, or delete {path.parent} to "
+                        f"evaluate this checkpoint again")
+    return result
+
+
+def _cell_inputs(item: CheckpointItem, card, task: str, suite: EvalSuite) -> dict[str, Any]:
+    """What a cell's result depends on besides the weights: written into the cell and compared on resume."""
+    path = Path(item.checkpoint).expanduser()
+    inputs = {"checkpoint": str(path.resolve()) if path.exists() else item.checkpoint,
+              "card": card.name, "root": str(card.root_dir), "task": dataclasses.asdict(card.task(task)),
+              "generation": dataclasses.asdict(suite.generation)}
+    return json.loads(json.dumps(inputs))  # as it reads back from the cell (tuples become lists)
 
 
 def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | Path,
@@ -104,7 +139,12 @@ def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | 
                             f"{report.format()}")
     cells: dict[tuple[str, str], TaskResult] = {}
     for item in items:
-        done = {task: _read_cell(out / "cells" / _safe(item.label) / f"{task}.json") for task in tasks}
+        inputs = {task: _cell_inputs(item, card, task, suite) for card, task in resolved}
+        # The main rank decides which cells are done and every rank follows, so all ranks of a launched evaluation
+        # take part in the same cells (a rank skipping a cell another evaluates would hang its collectives).
+        done = dist.all_gather_objects(
+            {task: _read_cell(out / "cells" / _safe(item.label) / f"{task}.json", inputs[task])
+             for task in tasks} if dist.is_main() else None)[0]
         cells.update({(item.label, t): r for t, r in done.items() if r is not None})
         if all(r is not None for r in done.values()):
             print(f"[mcit] {item.label}: every task already evaluated", file=sys.stderr)
@@ -128,7 +168,7 @@ def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | 
             if dist.is_main():
                 cell = out / "cells" / _safe(item.label) / f"{task}.json"
                 cell.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(cell, dataclasses.asdict(result))
+                write_json_atomic(cell, {**dataclasses.asdict(result), "inputs": inputs[task]})
             cells[(item.label, task)] = result
             print(f"[mcit] {item.label} {task}: {result.score:.1f}", file=sys.stderr)
             failpoints.hit("suite.cell")
@@ -137,6 +177,8 @@ def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | 
     if dist.is_main():
         write_json_atomic(out / "results.json", results)
         write_suite_report(results, out)
+        for run_dir in dict.fromkeys(i.run_dir for i in items if i.run_dir):
+            file_in_run(results, run_dir, out)
     dist.barrier()
     return out / "results.json"
 
@@ -160,6 +202,33 @@ def suite_results(suite: EvalSuite, items: list[CheckpointItem], tasks: list[str
             "paths": [i.checkpoint for i in items], "tasks": tasks, **grids, "retention": retention,
             "details": {label: {task: cells[(label, task)].details for task in tasks} for label in labels},
             "n": {task: cells[(labels[0], task)].n for task in tasks}}
+
+
+def run_extract(results: dict[str, Any], run: str, output: Path) -> dict[str, Any]:
+    """A run's rows of a suite evaluation (its base model and stages, every column, its retention): what `mcit report`
+    of the run shows, with the path of the whole evaluation."""
+    rows = [k for k, label in enumerate(results["checkpoints"]) if label == results["retention"][run]["base"]
+            or label in results["retention"][run]["per_task"]]
+    return {"suite": results["suite"], "suite_description": results.get("suite_description", ""),
+            "evaluation": str(output.resolve()), "tasks": results["tasks"], "n": results["n"],
+            "checkpoints": [results["checkpoints"][k].split("/", 1)[1] for k in rows],
+            **{c: [results[c][k] for k in rows] for c in COLUMNS if c in results},
+            "retention": results["retention"][run]}
+
+
+def file_in_run(results: dict[str, Any], run_dir: Path, output: Path) -> Path | None:
+    """Write the run's extract to `<run>/suites/<suite>.json` (None, with a warning, where the run folder is not
+    writable: the evaluation's own results.json is complete without it)."""
+    folder = RunFolder(run_dir)
+    target = folder.suites / f"{_safe(results['suite'])}.json"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(target, run_extract(results, run_dir.name, output))
+    except OSError as exc:
+        print(f"[mcit] could not file the suite's results in {run_dir} ({exc}); `mcit report` of the run will not "
+              f"show them", file=sys.stderr)
+        return None
+    return target
 
 
 def write_suite_report(results: dict[str, Any], out: Path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -86,3 +87,80 @@ def test_a_damaged_cell_is_named(run_and_suite, tmp_path):
 def test_suite_and_single_checkpoint_arguments_do_not_mix(tmp_path):
     proc = _mcit("eval", "synthcit-heldout", "--checkpoint", "x", "--benchmark", "y")
     assert proc.returncode != 0 and "not a mix" in proc.stderr
+
+
+def test_an_output_folder_of_another_evaluation_is_refused(run_and_suite, tmp_path):
+    run, suite, env = run_and_suite
+    out = tmp_path / "out"
+    args = ["eval", str(suite), "--checkpoints", str(run), "--output", str(out)]
+    assert _mcit(*args, "--max-test", "4", env_extra={**env, "MCIT_FAILPOINT": "suite.cell:1"}).returncode == -9
+    proc = _mcit(*args, "--max-test", "6", env_extra=env)  # the kept cell scored 4 samples, not 6
+    assert proc.returncode != 0
+    assert "run_base/count.json: this output folder holds a cell of a different evaluation (task changed" in proc.stderr
+    assert "pass another --output" in proc.stderr
+
+
+def test_the_run_files_the_suite_and_its_report_shows_the_retention(run_and_suite, tmp_path):
+    run, suite, env = run_and_suite
+    out = tmp_path / "out"
+    assert _mcit("eval", str(suite), "--checkpoints", str(run), "--output", str(out), "--max-test", "6",
+                 env_extra=env).returncode == 0
+    results = json.loads((out / "results.json").read_text())
+    filed = json.loads((run / "suites" / "mini-heldout.json").read_text())
+    assert filed["checkpoints"] == ["base", "stage-01-shape", "stage-02-mc-color"]
+    assert filed["score"] == results["score"] and filed["retention"] == results["retention"]["run"]
+    assert filed["evaluation"] == str(out.resolve())
+    proc = _mcit("report", str(run), "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Suite mini-heldout" in report and "Δ count" in report
+    last = results["retention"]["run"]["mean"]["run/stage-02-mc-color"]
+    assert f"| stage-02-mc-color | {_fmt(results['retention']['run']['per_task']['run/stage-02-mc-color'][0])}" in report
+    assert _fmt(last) in report
+    assert (tmp_path / "report" / "suite_mini-heldout.png").is_file()
+
+
+def _fmt(value):
+    from mcit.report.render import fmt
+
+    return fmt(value)
+
+
+@pytest.mark.distributed
+def test_a_launched_evaluation_splits_the_samples_and_gives_the_same_results(run_and_suite, tmp_path):
+    """`mcit launch --cpu eval SUITE --checkpoints RUN`: two gloo ranks under the deepspeed launcher, each generating
+    its share of every cell, write the results.json of one process, byte for byte."""
+    run, suite, env = run_and_suite
+    args = ["eval", str(suite), "--checkpoints", str(run), "--max-test", "5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _mcit(*args, "--output", str(one), env_extra=env).returncode == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    proc = _mcit("launch", "--cpu", "--nproc", "2", "--master-port", port, *args, "--output", str(two),
+                 env_extra={**env, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "--module mcit eval" in proc.stderr
+    assert (two / "results.json").read_text() == (one / "results.json").read_text()
+    for path in (one / "predictions").rglob("*.jsonl"):
+        assert (two / path.relative_to(one)).read_text() == path.read_text()
+
+
+def test_exported_expert_sets_and_adapters_are_rows_like_the_stage_they_came_from(run_and_suite, tmp_path):
+    """Every checkpoint kind in one evaluation: the expert set and the PEFT adapter exported from the last stage score
+    what that stage scores (the same weights), next to a bare base model."""
+    run, suite, env = run_and_suite
+    assert _mcit("export", str(run), "--out", str(tmp_path / "experts"), "--experts").returncode == 0
+    assert _mcit("export", str(run), "--out", str(tmp_path / "adapter")).returncode == 0
+    out = tmp_path / "out"
+    proc = _mcit("eval", str(suite), "--checkpoints", str(run), str(tmp_path / "experts"), str(tmp_path / "adapter"),
+                 "builtin:tiny-llava", "--output", str(out), "--max-test", "6", env_extra=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    labels = results["checkpoints"]
+    assert labels[3:] == ["experts", "adapter", "builtin:tiny-llava"]
+    row = {label: results["score"][k] for k, label in enumerate(labels)}
+    assert row["experts"] == row["run/stage-02-mc-color"]
+    assert row["adapter"] == row["run/stage-02-mc-color"]
+    assert row["builtin:tiny-llava"] == row["run/base"]
+    assert set(results["retention"]) == {"run"}  # only a run's rows have a base to be measured against
