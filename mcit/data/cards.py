@@ -18,9 +18,10 @@ from typing import Any
 import yaml
 
 from mcit.data.boxes import BOX_FRAMES
-from mcit.data.formats import FORMATS, load_split
+from mcit.data.formats import FOLDER_FORMATS, FORMATS, load_split
 from mcit.data.records import ANSWER_STYLES, Sample
 from mcit.data.references import ANSWER_SOURCES, attach_caption_references, attach_official_answers
+from mcit.data.releases import decoded_image_root
 from mcit.data.signature import AnswerSignature
 from mcit.errors import DataError
 from mcit.schema import NOT_A_KEY, from_mapping, suggest
@@ -48,7 +49,7 @@ class TaskSpec:
     image_root: str | None = None
     """Folder image paths are relative to (default: the card root, as in the UCIT/CoIN releases)."""
     format: str = "auto"
-    """auto | llava | jsonl | sharegpt."""
+    """auto | llava | jsonl | sharegpt, or a general-ability release format (formats.RELEASE_FORMATS)."""
     answer_style: str = "free"
     """The form answers take; the format checker and ASD use it."""
     scorer: str = "exact_match"
@@ -207,9 +208,11 @@ class DataCard:
             raise DataError(f"{self._where()}: data root {root} not found (root {self.root!r}); point it at the "
                             f"benchmark's folder (see docs/DATA.md for each release's tree)")
         tried = []
+        formats = {t.name: t.format for t in self.tasks}
         for layout in self.layouts:
             files = self._layout_files(layout)
-            missing = [p for p in files if not (root / p).is_file()]
+            folders = {t.test for t in layout.tasks if formats.get(t.name) in FOLDER_FORMATS}
+            missing = [p for p in files if not _present(root / p, folder=p in folders)]
             if not missing:
                 return layout
             tried.append((layout, len(files) - len(missing), len(files), missing))
@@ -234,7 +237,12 @@ class DataCard:
         return self.root_dir / relative if relative else None
 
     def image_root(self, task: str) -> Path:
+        """The folder the task's image paths are confined to; for a release whose images are embedded in its file
+        (MMBench's base64 TSV) the folder they are decoded to (mcit/data/releases.py)."""
         spec = self.task(task)
+        decoded = decoded_image_root(spec.format)
+        if decoded is not None:
+            return decoded
         return self.root_dir / spec.image_root if spec.image_root else self.root_dir
 
     def annotation_path(self, task: str, split: str) -> Path:
@@ -250,7 +258,7 @@ class DataCard:
         max_train/max_test (same seed, same subset) and with the instruction suffix applied."""
         spec = self.task(name)
         path = self.annotation_path(name, split)
-        if not path.is_file():
+        if not _present(path, folder=spec.format in FOLDER_FORMATS):
             raise DataError(f"{self._where()}: task {name!r} {split} file {path} not found; root {self.root!r} "
                             f"expands to {self.root_dir} (see docs/DATA.md for the expected layout)")
         samples = load_split(path, image_root=self.image_root(name), task=name, fmt=spec.format,
@@ -260,7 +268,7 @@ class DataCard:
         limit = spec.max_train if split == "train" else spec.max_test
         if limit is not None and len(samples) > limit:
             rng = random.Random(f"{seed}:{self.name}:{name}:{split}")
-            samples = [samples[i] for i in sorted(rng.sample(range(len(samples)), limit))]
+            samples = [samples[i] for i in _subsample(samples, limit, rng)]
         candidates = self.candidates(name)
         signature = self.signature(name) if split == "test" and not candidates else None
         for sample in samples:
@@ -355,6 +363,29 @@ def expand_root(raw: str, card_path: Path | None = None) -> Path:
         base = card_path.parent if card_path and not any(from_env[:1]) else Path.cwd()
         path = base / path
     return path
+
+
+def _subsample(samples: list[Sample], limit: int, rng: random.Random) -> list[int]:
+    """Indices (file order) of at most `limit` samples drawn by `rng`. Samples sharing `meta["subsample_group"]`
+    are kept or dropped together: a score defined over a group (MME's acc+ over an image's two questions, MMBench's
+    circular copies of one question) would otherwise be computed on torn groups. Without groups the draw is the plain
+    `rng.sample` it always was, so existing subsets stay the same."""
+    if not any("subsample_group" in s.meta for s in samples):
+        return sorted(rng.sample(range(len(samples)), limit))
+    groups: dict[Any, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.meta.get("subsample_group", ("sample", i)), []).append(i)
+    members = list(groups.values())
+    kept: list[int] = []
+    for g in rng.sample(range(len(members)), len(members)):
+        if len(kept) + len(members[g]) <= limit:
+            kept.extend(members[g])
+    return sorted(kept)
+
+
+def _present(path: Path, *, folder: bool) -> bool:
+    """Whether a card path is there: a file, or a folder for the formats that read one (MME's release folder)."""
+    return path.is_dir() if folder else path.is_file()
 
 
 def _listing(root: Path, limit: int = 20) -> str:

@@ -7,6 +7,8 @@ Shapes accepted per record (the container is a JSON array or JSONL, sniffed from
 - sharegpt: {"messages": [{"role": "user"|"assistant"|"system", "content": ...}], "images"?: [path]}
 Any of them may carry `"meta": {...}` (style, choices, brief/detailed answers; SynthCIT writes it), which becomes the
 sample's meta; other unknown keys are kept under meta["source"].
+The general-ability benchmarks' official files (MME's folder, MMBench's TSV, POPE, SEED-Bench, ScienceQA, TextVQA,
+GQA) have their own readers, mcit/data/releases.py, chosen by `fmt` (`RELEASE_FORMATS`) in `read_split`.
 
 Why we normalise the image placeholder here: annotation files put "<image>" at the start or the end of the first
 human turn (both occur in LLaVA-665k); the collator then needs only one case, a leading "<image>\\n". A sample whose
@@ -27,7 +29,11 @@ from typing import Any
 from mcit.data.records import IMAGE_PREFIX, IMAGE_TOKEN, Sample
 from mcit.errors import DataError
 
-FORMATS = ("auto", "llava", "jsonl", "sharegpt")
+RELEASE_FORMATS = ("mme", "mmbench", "pope", "seed_bench", "scienceqa", "textvqa", "gqa")
+"""Official release files of the general-ability benchmarks, each read by its own reader in mcit/data/releases.py."""
+FOLDER_FORMATS = ("mme",)
+"""Release formats whose card path is a folder (MME is published as a folder of per-image question files)."""
+FORMATS = ("auto", "llava", "jsonl", "sharegpt", *RELEASE_FORMATS)
 
 _USER_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant"}
@@ -68,6 +74,9 @@ def read_raw(path: str | os.PathLike, fmt: str = "auto") -> tuple[list[RawRecord
     every bad JSONL line at once; a JSON array that fails to parse is one file-level error."""
     path = Path(path)
     _check_format(fmt, path)
+    if fmt in RELEASE_FORMATS:
+        raise DataError(f"{path}: format {fmt!r} is an official release file with its own reader; load it with "
+                        f"read_split / load_split")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -239,6 +248,12 @@ def read_split(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     task = task or path.stem
+    if fmt in RELEASE_FORMATS:
+        from mcit.data.releases import read_release  # it builds on this module (RecordError, read_raw)
+
+        samples, errors = read_release(path, image_root=root, task=task, fmt=fmt)
+        errors.sort(key=lambda e: -1 if e.index is None else e.index)
+        return samples, errors
     raw_records, errors = read_raw(path, fmt)
     samples: list[Sample] = []
     for raw in raw_records:
