@@ -164,3 +164,28 @@ def test_exported_expert_sets_and_adapters_are_rows_like_the_stage_they_came_fro
     assert row["adapter"] == row["run/stage-02-mc-color"]
     assert row["builtin:tiny-llava"] == row["run/base"]
     assert set(results["retention"]) == {"run"}  # only a run's rows have a base to be measured against
+
+
+def test_the_general_suite_on_its_release_shaped_fixtures(tmp_path):
+    """`mcit eval general` as a user runs it, on data laid out as LLaVA's playground/data/eval: every benchmark is
+    read from its official files and scored by its own metric (MME's perception/cognition sums, MMBench's circular
+    questions, POPE's confusion counts)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "releases" / "general"
+    out = tmp_path / "out"
+    proc = _mcit("eval", "general", "--checkpoints", "builtin:tiny-llava", "--output", str(out), "--max-test", "4",
+                 env_extra={"MCIT_GENERAL_ROOT": str(root), "MCIT_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"] == ["MME", "MMBench", "POPE-random", "POPE-popular", "POPE-adversarial", "SEED-Bench",
+                                "ScienceQA-IMG", "TextVQA", "GQA"]
+    details = results["details"]["builtin:tiny-llava"]
+    assert details["MME"]["total"] == details["MME"]["perception"] + details["MME"]["cognition"]
+    assert details["MMBench"]["copies_per_question"] and details["MMBench"]["questions"] >= 1
+    pope = details["POPE-random"]
+    assert pope["TP"] + pope["FP"] + pope["TN"] + pope["FN"] == results["n"]["POPE-random"] == 4
+    precision, recall = pope["TP"] / max(pope["TP"] + pope["FP"], 1), pope["TP"] / max(pope["TP"] + pope["FN"], 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    assert results["score"][0][2] == pytest.approx(100 * f1) == pytest.approx(pope["f1"])
+    assert list((tmp_path / "cache" / "mmbench").rglob("manifest.json"))  # the TSV's images, decoded once
