@@ -10,6 +10,8 @@
     mcit launch RECIPE [--nproc N] [--hostfile F | --no-ssh --node-rank R --nnodes N --master-addr A]
                                              the same recipe under the deepspeed launcher
     mcit launch [launch flags] eval SUITE --checkpoints A B ...   a suite evaluation split over the ranks
+    mcit lmms-tasks SUITE --out DIR          a suite's tasks as lmms-eval tasks (docs/EXPORT.md)
+    mcit lmms-eval ARGS                      lmms-eval's command line, `--model mcit` loading any mcit checkpoint
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                constrained=not args.no_constrained)
     print(f"results: {path}")
     return 0
+
+
+def _cmd_lmms(args: argparse.Namespace) -> int:
+    from mcit.cli.export import lmms_main
+
+    return lmms_main([args.command, *args.rest])
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -170,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     from mcit.cli.launch import add_arguments as add_launch_arguments
 
     add_launch_arguments(p)
+
+    for name, help_text in (("lmms-tasks", "write an evaluation suite's tasks as lmms-eval tasks (SUITE --out DIR)"),
+                            ("lmms-eval", "lmms-eval's command line with the `mcit` model registered")):
+        p = sub.add_parser(name, help=help_text, add_help=False, description=help_text)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="the arguments (--help lists them)")
+        p.set_defaults(func=_cmd_lmms)
     return parser
 
 
@@ -197,6 +211,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; `key=value` overrides may also follow the options (`mcit launch r.yaml --nproc 8 x=1`),
     which argparse alone refuses once an option has ended the positional list."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["lmms-tasks"], ["lmms-eval"]):  # their own parsers take every argument, --help included
+        return argparse.Namespace(command=argv[0], rest=argv[1:], func=_cmd_lmms)
     start = _launched_eval(argv)
     if start is not None:  # the launch flags, then the eval command, checked here before anything is launched
         args = build_parser().parse_args([*argv[:start], "eval"])

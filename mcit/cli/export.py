@@ -4,11 +4,19 @@
                 [--full [--dtype bf16]] [--experts] [--push REPO_ID [--private] [--token T] [--endpoint URL]]
 
 Argument parsing only: the flow is mcit.workflows.export, what DIR receives is described in mcit.export.build.
+
+lmms-eval (mcit.export.lmms_eval): `mcit lmms-tasks` and `mcit lmms-eval` run `lmms_main`, which lives in the cli
+layer because registering the `mcit` model hands lmms-eval `mcit.load`, which only a layer above the workflows may
+import:
+
+    mcit lmms-tasks SUITE --out DIR [--max-test N]   a suite's tasks as lmms-eval tasks
+    mcit lmms-eval LMMS_EVAL_ARGS                     lmms-eval's CLI, with `--model mcit`
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mcit.errors import McitError
 from mcit.export.merge import DEFAULT_DENSITY, METHODS
@@ -66,3 +74,46 @@ def _parse_weights(values: list[str] | None) -> list[float] | None:
 
 def _names(text: str | None) -> list[str] | None:
     return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+def lmms_main(argv: list[str]) -> int:
+    """`lmms-tasks SUITE --out DIR ...` (write lmms-eval tasks) or `lmms-eval ARGS` (lmms-eval's own command line
+    with the `mcit` model registered; ARGS as `lmms-eval` takes them)."""
+    from mcit.export import lmms_eval
+
+    if argv[:1] == ["lmms-eval"]:
+        import mcit
+
+        lmms_eval.register(mcit.load)
+        from lmms_eval.cli.dispatch import main as lmms_eval_main
+
+        sys.argv = ["lmms-eval", "eval", *argv[1:]]
+        lmms_eval_main()
+        return 0
+    parser = argparse.ArgumentParser(prog="mcit lmms-tasks",
+                                     description="Write an evaluation suite's tasks as lmms-eval tasks (one JSONL "
+                                                 "of the test samples mcit eval scores and one YAML per task); run "
+                                                 "them with lmms-eval --include_path DIR.")
+    parser.add_argument("suite", help="a suite file or the name of a shipped suite (eval/*.yaml)")
+    parser.add_argument("--out", required=True, help="output folder (new or empty, unless --force)")
+    parser.add_argument("--max-test", type=int, help="at most this many test samples per task")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-test subset (default 0)")
+    parser.add_argument("--prefix", default="mcit", help="prefix of the task names and the suite's tag")
+    parser.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    if argv[:1] != ["lmms-tasks"]:
+        parser.error("expected `lmms-tasks SUITE --out DIR` or `lmms-eval LMMS_EVAL_ARGS`")
+    args = parser.parse_args(argv[1:])
+    names = lmms_eval.write_lmms_tasks(args.suite, args.out, max_test=args.max_test, seed=args.seed,
+                                       prefix=args.prefix, force=args.force)
+    tag = lmms_eval.lmms_name(args.prefix, lmms_eval.load_suite(args.suite).name)
+    print(f"wrote {len(names)} lmms-eval task(s): {', '.join(names)}; run them with --include_path {args.out} "
+          f"--tasks {tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(lmms_main(sys.argv[1:]))
+    except McitError as exc:
+        print(f"mcit {' '.join(sys.argv[1:2])}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
