@@ -43,7 +43,7 @@ KINDS = ("rbf", "linear")
 
 # PEFT wraps a Linear in a lora.Linear that keeps the original as `<name>.base_layer`; the `$` anchor selects the
 # wrapper (whose output includes the adapter) and skips the inner duplicate.
-_LLAVA_DOWN_PROJ = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.mlp\.down_proj$")
+_LLAVA_DOWN_PROJ = re.compile(r"(?:^|\.)(?:language_model|text_model)\.layers\.(\d+)\.mlp\.down_proj$")
 # Text-only causal LMs (``model.layers.<i>.mlp.down_proj``) are accepted when no LLaVA language model is found.
 _LM_DOWN_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$")
 

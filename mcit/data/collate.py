@@ -48,17 +48,142 @@ class Encoded:
 
 
 def image_seq_length(processor) -> int:
-    """Number of placeholder tokens one image expands to in the text (LLaVA: patches, minus CLS when dropped)."""
-    value = getattr(processor, "num_image_tokens", None) or getattr(processor, "image_seq_length", None)
-    if value:
-        return int(value)
-    image_processor = processor.image_processor
-    size = image_processor.crop_size["height"] if getattr(image_processor, "do_center_crop", False) else \
-        image_processor.size.get("height") or image_processor.size["shortest_edge"]
-    count = (size // processor.patch_size) ** 2 + processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        count -= 1
-    return count
+    """Number of placeholder tokens one image expands to in the text for a fixed-size family (LLaVA-1.5: patches,
+    minus CLS when dropped); for families whose count varies with the image, the count of a 1024 px square image
+    (`ImageTokens`)."""
+    return ImageTokens(processor).reference_count
+
+
+REFERENCE_SIZE = (1024, 1024)
+"""The image size whose token count stands for "one image" where the count varies with the image (the default
+`train.max_length`, the model card)."""
+_PROBE_SIZES = ((96, 64), (64, 160))
+"""Two images of different sizes and shapes: a processor that expands both alike expands every image alike."""
+
+
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
+
+
+@dataclass(frozen=True)
+class ProcessorProfile:
+    """What a processor's own output says about its family, asked once with one blank image."""
+
+    image_keys: frozenset[str]
+    """The image inputs the model takes (what the processor returns besides the text's; an image processor's
+    bookkeeping such as InternVL's `num_patches`, which the processor drops, is not among them)."""
+    token_types: bool
+    """The processor marks image tokens in `mm_token_type_ids` (Qwen2-VL's multimodal RoPE needs them)."""
+    image_token_id: int
+
+
+def processor_profile(processor) -> ProcessorProfile:
+    cached = getattr(processor, "_mcit_profile", None)
+    if cached is None:
+        image_token = getattr(processor, "image_token", None) or IMAGE_TOKEN
+        out = processor(text=[image_token], images=[Image.new("RGB", _PROBE_SIZES[0], (127, 127, 127))])
+        cached = ProcessorProfile(frozenset(out) - _TEXT_KEYS, "mm_token_type_ids" in out,
+                                  processor.tokenizer.convert_tokens_to_ids(image_token))
+        processor._mcit_profile = cached
+    return cached
+
+
+def token_types(processor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`mm_token_type_ids` (1 on image tokens) for a family whose processor gives them, else nothing."""
+    profile = processor_profile(processor)
+    if not profile.token_types:
+        return {}
+    return {"mm_token_type_ids": (input_ids == profile.image_token_id).long()}
+
+
+class ImageTokens:
+    """How the model's own processor turns one image into text tokens, for any family.
+
+    The processor is asked once per image size: `processor(text=image_token, images=[blank image of that size])`.
+    The ids it returns (its special prefix removed) are the image's text: LLaVA-1.5's 576 `<image>`, Qwen2-VL's
+    `<|image_pad|>` x (grid / merge^2), InternVL's `<img>...</img>`, Idefics3's tiles with their row/column tokens. The
+    Encoder puts that text where the chat template wrote the placeholder, so training and generation text are exactly
+    what the processor builds at inference, and the count always matches the pixels the model gets. A processor
+    that expands every image alike is asked once (`fixed`); otherwise the size is read from the image's header.
+    """
+
+    def __init__(self, processor, *, pad_to_square: bool = False):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token = getattr(processor, "image_token", None) or IMAGE_TOKEN
+        self.pad_to_square = pad_to_square
+        self._prefix = special_prefix(self.tokenizer)
+        self._by_size: dict[tuple[int, int], tuple[str, int]] = {}
+        first, second = (self.for_size(size) for size in _PROBE_SIZES)
+        self.fixed: str | None = first[0] if first == second else None
+        """The text of every image, when it does not depend on the image (else None)."""
+        self.reference_count = first[1] if self.fixed is not None else self.for_size(REFERENCE_SIZE)[1]
+
+    def for_size(self, size: tuple[int, int]) -> tuple[str, int]:
+        """(text, number of tokens) of an image of `size` (width, height)."""
+        if size not in self._by_size:
+            blank = Image.new("RGB", size, (127, 127, 127))
+            if self.pad_to_square:
+                blank = pad_to_square(blank, self.processor)
+            ids = list(self.processor(text=[self.image_token], images=[blank])["input_ids"][0])
+            if ids[:len(self._prefix)] == self._prefix:
+                ids = ids[len(self._prefix):]
+            text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if self.tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+                raise DataError(f"{type(self.processor).__name__}: the text one image expands to does not tokenize "
+                                f"back to the same ids; the image's tokens cannot be placed in a training text")
+            self._by_size[size] = (text, len(ids))
+        return self._by_size[size]
+
+    def text(self, image: str) -> str:
+        """The text the image at path `image` becomes."""
+        if self.fixed is not None:
+            return self.fixed
+        with Image.open(image) as opened:  # the header only; the data were validated when loaded
+            size = opened.size
+        if self.pad_to_square:
+            size = (max(size), max(size))
+        return self.for_size(size)[0]
+
+    def dummy(self) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """(token ids, model image inputs) of a small blank image: what a micro-batch without images carries under
+        ZeRO-3 so every rank runs the vision tower (mcit.train.deepspeed.ensure_vision_forward)."""
+        size = _PROBE_SIZES[0]
+        text, _ = self.for_size(size)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        blank = Image.new("RGB", size, (127, 127, 127))
+        return ids, image_inputs(self.processor, [pad_to_square(blank, self.processor) if self.pad_to_square
+                                                  else blank])[0]
+
+
+def image_inputs(processor, images: Sequence[Image.Image]) -> list[dict[str, torch.Tensor]]:
+    """The model inputs of each image alone (`pixel_values` and whatever the family adds: `image_grid_thw`,
+    `image_sizes`, `pixel_attention_mask`), each with the leading dimension the processor gives one image."""
+    keys = processor_profile(processor).image_keys
+    out = []
+    for image in images:
+        feature = processor.image_processor(images=[image], return_tensors="pt")
+        out.append({key: value for key, value in feature.items() if key in keys and isinstance(value, torch.Tensor)})
+    return out
+
+
+def batch_image_inputs(per_image: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch of image inputs from per-image ones: concatenated along dim 0 (LLaVA's images, Qwen2-VL's patch rows
+    and grids, InternVL's tiles), or, where images have different numbers of tiles in dim 1 (OneVision's anyres
+    patches, Idefics3's splits), zero-padded to the most tiles first; the models skip all-zero tiles or unpad them by
+    `image_sizes`."""
+    if not per_image:
+        return {}
+    batch = {}
+    for key in per_image[0]:
+        tensors = [inputs[key] for inputs in per_image]
+        shapes = {tuple(t.shape[1:]) for t in tensors}
+        if len(shapes) > 1:
+            if len({tuple(t.shape[2:]) for t in tensors}) > 1 or tensors[0].dim() < 3:
+                raise DataError(f"image input {key!r}: shapes {sorted(shapes)} cannot be batched")
+            most = max(t.shape[1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, most - t.shape[1])) for t in tensors]
+        batch[key] = torch.cat(tensors, dim=0)
+    return batch
 
 
 def _messages(turns: Sequence[tuple[str, str]], upto: int, with_answer: bool) -> list[dict]:
@@ -98,19 +223,21 @@ class Encoder:
     prompt of a sample's last turn is a token prefix of its encoded conversation.
     """
 
-    def __init__(self, processor, max_length: int | None = None):
+    def __init__(self, processor, max_length: int | None = None, *, pad_to_square: bool = False):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         if not getattr(self.tokenizer, "is_fast", False):
             raise DataError("label masking needs a fast tokenizer (offset mapping); this tokenizer is "
                             f"{type(self.tokenizer).__name__}")
-        self.image_tokens = image_seq_length(processor)
+        self.images = ImageTokens(processor, pad_to_square=pad_to_square)
+        self.image_tokens = self.images.reference_count
+        """Tokens of one image (where it varies with the image: of a 1024 px square one)."""
         self.max_length = max_length if max_length is not None else self.image_tokens + TEXT_TOKENS
-        if self.max_length < self.image_tokens + 16:
+        if self.images.fixed is not None and self.max_length < self.image_tokens + 16:
             raise DataError(f"train.max_length {self.max_length} leaves no room for text after the model's "
                             f"{self.image_tokens} image tokens; raise it or leave it unset (default: image tokens + "
                             f"{TEXT_TOKENS})")
-        self.image_token = getattr(processor, "image_token", IMAGE_TOKEN)
+        self.image_token = self.images.image_token
         self.eos_token = self.tokenizer.eos_token
         if self.eos_token is None or \
                 self.tokenizer(self.eos_token, add_special_tokens=False)["input_ids"] != [self.tokenizer.eos_token_id]:
@@ -119,19 +246,26 @@ class Encoder:
         self.prefix_ids = special_prefix(self.tokenizer)
         self.prefix_text = "".join(self.tokenizer.convert_ids_to_tokens(self.prefix_ids))
 
-    def _render(self, messages: list[dict], generation_prompt: bool, expand: bool = True) -> str:
+    @classmethod
+    def from_recipe(cls, processor, recipe: Recipe) -> Encoder:
+        """The Encoder of a run: `train.max_length`, and images padded to a square where `benchmark.pad_to_square`
+        (their token count follows the padded size)."""
+        return cls(processor, recipe.train.max_length, pad_to_square=recipe.benchmark.pad_to_square)
+
+    def _render(self, messages: list[dict], generation_prompt: bool, image_text: str | None) -> str:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        return text.replace(self.image_token, self.image_token * self.image_tokens) if expand else text
+        return text.replace(self.image_token, image_text) if image_text is not None else text
 
     def _conversation(self, sample: Sample, with_answer: bool, expand: bool = True) -> tuple[str, list[tuple[int, int]]]:
         """The text of the whole conversation (`with_answer`) or of the prompt for its last answer, every answer in it
         closed by EOS, and each answer's character span (from the end of the generation prompt through its EOS)."""
+        image_text = self.images.text(sample.image) if expand and sample.image else None
         turns, last = sample.turns, len(sample.turns) - 1
-        final = self._render(_messages(turns, last, with_answer), not with_answer, expand)
+        final = self._render(_messages(turns, last, with_answer), not with_answer, image_text)
         text, spans, cursor = "", [], 0
         for turn in range(last + 1 if with_answer else last):
-            asked = self._render(_messages(turns, turn, with_answer=False), True, expand)
-            answered = self._render(_messages(turns, turn, with_answer=True), False, expand)
+            asked = self._render(_messages(turns, turn, with_answer=False), True, image_text)
+            answered = self._render(_messages(turns, turn, with_answer=True), False, image_text)
             if not (answered.startswith(asked) and final.startswith(answered)):
                 raise DataError(f"sample {sample.id!r}: the chat template does not render the start of a conversation "
                                 "as a prefix of the whole; answers cannot be located for label masking")
@@ -216,7 +350,7 @@ class PixelCache:
         self.pad_to_square = pad_to_square
         """Paste each image in the centre of a square filled with the processor's mean colour before preprocessing
         (LLaVA-1.5's `image_aspect_ratio: pad`), so nothing is cropped away (`benchmark.pad_to_square`)."""
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.bytes_used = 0
         """Bytes of the pixel tensors held now (each held tensor owns its storage: see `_keep`)."""
         self.hits = 0
@@ -242,12 +376,18 @@ class PixelCache:
 
     def held_bytes(self) -> int:
         """Bytes of the storages behind the tensors held, measured rather than counted (checks `bytes_used`)."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._cache.values()}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for inputs in self._cache.values() for t in inputs.values()}
         return sum(storages.values())
 
     def __call__(self, paths: Sequence[str]) -> torch.Tensor:
+        """The `pixel_values` of `paths`, batched (the router and thumbnails of fixed-size families)."""
+        return self.inputs(paths)["pixel_values"]
+
+    def inputs(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model's image inputs for `paths` in order, batched (`pixel_values` and the family's extras)."""
         wanted = list(dict.fromkeys(paths))  # a path repeated in one call is processed once
-        found: dict[str, torch.Tensor] = {}
+        found: dict[str, dict[str, torch.Tensor]] = {}
         for path in wanted:
             if path in self._cache:
                 self._cache.move_to_end(path)
@@ -255,26 +395,24 @@ class PixelCache:
         missing = [p for p in wanted if p not in found]
         self.hits += len(found)
         self.misses += len(missing)
-        if missing:
-            images = [self.decode(path) for path in missing]  # DataError for bombs and unreadable files
+        for path in missing:
+            image = self.decode(path)  # DataError for bombs and unreadable files
             if self.pad_to_square:
-                images = [pad_to_square(image, self.processor) for image in images]
-            pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            for path, tensor in zip(missing, pixels, strict=True):
-                found[path] = tensor
-                self._keep(path, tensor)
-        return torch.stack([found[p] for p in paths])
+                image = pad_to_square(image, self.processor)
+            found[path] = image_inputs(self.processor, [image])[0]
+            self._keep(path, found[path])
+        return batch_image_inputs([found[p] for p in paths])
 
-    def _keep(self, path: str, tensor: torch.Tensor) -> None:
-        size = tensor.nbytes
+    def _keep(self, path: str, inputs: dict[str, torch.Tensor]) -> None:
+        size = sum(t.nbytes for t in inputs.values())
         if size > self.max_bytes:
             return
         while self.bytes_used + size > self.max_bytes:
             _, old = self._cache.popitem(last=False)
-            self.bytes_used -= old.nbytes
+            self.bytes_used -= sum(t.nbytes for t in old.values())
             self.evictions += 1
-        # A row of the processor's batch is a view that would keep the whole batch's storage alive: copy it.
-        self._cache[path] = tensor.clone()
+        # A row of a processor's batch can be a view keeping a whole batch's storage alive: own copies only.
+        self._cache[path] = {key: t.clone() for key, t in inputs.items()}
         self.bytes_used += size
 
 
@@ -305,7 +443,8 @@ def collate(items: Sequence[Encoded], pad_id: int, pixels: PixelCache, padding_s
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     images = [item.image for item in items if item.image]
     if images:
-        batch["pixel_values"] = pixels(images)
+        batch.update(pixels.inputs(images))
+    batch.update(token_types(pixels.processor, input_ids))
     return batch
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from mcit.data.collate import Encoder, PixelCache
+from mcit.data.collate import Encoder, PixelCache, token_types
 from mcit.data.records import Sample
 from mcit.errors import EvalError
 from mcit.methods.experts.rows import follow_rows
@@ -72,7 +72,9 @@ def _padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, si
 
 def _images(samples: Sequence[Sample], batch: list[int], pixels: PixelCache, device: torch.device) -> dict:
     paths = [samples[i].image for i in batch]
-    return {"pixel_values": pixels(paths).to(device)} if paths[0] is not None else {}
+    if paths[0] is None:
+        return {}
+    return {key: value.to(device) for key, value in pixels.inputs(paths).items()}
 
 
 def _pad_id(encoder: Encoder) -> int:
@@ -104,6 +106,7 @@ def generate(model, encoder: Encoder, samples: Sequence[Sample], pixels: PixelCa
     with _inference(model):
         for batch in _progress(batches, progress):
             inputs = _padded([prompts[i] for i in batch], pad_id, device, "left")
+            inputs.update(token_types(pixels.processor, inputs["input_ids"]))
             with autocast_for(autocast, device):
                 out = model.generate(**inputs, **_images(samples, batch, pixels, device), do_sample=False,
                                      max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
@@ -178,6 +181,7 @@ def candidate_logprobs(model, encoder: Encoder, samples: Sequence[Sample], candi
         for batch in _progress(batches, progress):
             inputs = _padded([split[i][0] for i in batch], pad_id, device, "left")
             inputs.update(_images(samples, batch, pixels, device))
+            inputs.update(token_types(pixels.processor, inputs["input_ids"]))
             prompt = _run_prompt(model, inputs)
             # (prompt row, candidate) pairs, shortest continuation first, so a chunk carries little padding
             pairs = sorted(((r, k) for r, i in enumerate(batch) for k in range(len(split[i][1]))),
@@ -209,11 +213,19 @@ class _Prompt:
 def _run_prompt(model, inputs: dict) -> _Prompt:
     mask = inputs["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives, so left padding shifts nothing
+    following = positions[:, -1:] + 1
+    if "mm_token_type_ids" in inputs and "image_grid_thw" in inputs:
+        # multimodal RoPE (Qwen2-VL): image tokens get 2-D positions and the text after an image continues from the
+        # largest; the model's own index gives the prompt's, the candidates continue as text (one position per token)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        positions, _ = base.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                                 attention_mask=mask, mm_token_type_ids=inputs["mm_token_type_ids"])
+        following = positions[:, :, -1].amax(dim=0)[:, None] + 1
     out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
     if not isinstance(out.cache, DynamicCache):
         raise EvalError(f"candidate scoring needs the prompt pass to return a DynamicCache, got "
                         f"{type(out.cache).__name__}")
-    return _Prompt(out.cache, mask, positions[:, -1:] + 1, out.logits[:, -1].float().log_softmax(-1))
+    return _Prompt(out.cache, mask, following, out.logits[:, -1].float().log_softmax(-1))
 
 
 def _cache_rows(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:

@@ -26,14 +26,27 @@ from mcit.config import Recipe, load_recipe
 from mcit.errors import CheckpointError, McitError
 from mcit.evaluation.metrics import continual_metrics
 from mcit.export.merge import is_lora_key
+from mcit.models.families import family_for_type
+from mcit.models.loading import resolve_path
 from mcit.runs import checkpoint as ckpt
 from mcit.runs.folder import METHOD_META, RunFolder, is_stage_folder, parse_stage_folder
 from mcit.runtime.files import load_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Modules trained next to the adapters that PEFT can carry as `modules_to_save` (the names PEFT matches by suffix).
-SAVABLE_MODULES = ("multi_modal_projector", "vision_tower")
+def savable_modules(recipe: Recipe) -> tuple[str, ...]:
+    """Modules trained next to the adapters that PEFT can carry as `modules_to_save`, by the names PEFT matches (the
+    last part of the family's projector and vision-tower paths: `multi_modal_projector`, Qwen2-VL's `merger` ...)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_path(recipe.model.name_or_path), revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as exc:
+        raise CheckpointError(f"model.name_or_path {recipe.model.name_or_path!r}: its config is needed to name the "
+                              f"trained projector and vision modules ({exc})") from exc
+    family = family_for_type(config.model_type, f"model.name_or_path {recipe.model.name_or_path!r}")
+    return (family.leaf("projector"), family.leaf("vision_tower"))
 
 
 @dataclass
@@ -85,13 +98,15 @@ class Stage:
         """Sort the non-LoRA tensors of `model.safetensors` by what an export can do with them (see `Extras`)."""
         extras = Extras()
         modules: set[str] = set()
+        savable: tuple[str, ...] | None = None  # read from the base's config only when a stage holds such tensors
         for key, value in self.model_tensors().items():
             if is_lora_key(key) or ".modules_to_save." in key or ".original_module." in key:
                 continue  # adapter weights, or modules PEFT already saved in adapter/
             if ".base_layer." in key:
                 extras.base_weights[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
                 continue
-            module = next((m for m in SAVABLE_MODULES if f".{m}." in f".{key}"), None)
+            savable = savable or savable_modules(self.recipe)
+            module = next((m for m in savable if f".{m}." in f".{key}"), None)
             if module is None:
                 extras.dropped.append(key)
             else:

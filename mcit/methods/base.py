@@ -36,6 +36,7 @@ import torch
 from mcit.config import Recipe, TrainConfig
 from mcit.data.records import Sample
 from mcit.errors import RecipeError
+from mcit.models.families import family_of
 from mcit.schema import from_mapping, suggest
 
 ENTRY_POINT_GROUP = "mcit.methods"
@@ -171,10 +172,11 @@ class Method:
     def param_groups(self, model, train: TrainConfig) -> list[dict]:
         """Optimizer groups for a stage trained with `train`; the projector gets lr/10 when trained (LLaVA's
         reference)."""
+        family = family_of(model)
         main, projector = [], []
         for name, param in model.named_parameters():
             if param.requires_grad:
-                (projector if "multi_modal_projector" in name else main).append(param)
+                (projector if family.contains(name, "projector") else main).append(param)
         groups = [{"params": main, "lr": train.lr, "weight_decay": train.weight_decay}]
         if projector:
             groups.append({"params": projector, "lr": train.lr * 0.1, "weight_decay": train.weight_decay})
@@ -192,9 +194,11 @@ class Method:
         """Model tensors the checkpoint must hold: adapters, trained extras (or everything for a full fine-tune)."""
         if self.recipe.model.full_finetune:
             return {k: v for k, v in model.state_dict().items()}
-        keep = ("lora_", "multi_modal_projector" if self.recipe.model.train_projector else "\0",
-                "vision_tower" if self.recipe.model.train_vision else "\0", "mcit_")
-        return {k: v for k, v in model.state_dict().items() if any(part in k for part in keep)}
+        family = family_of(model)
+        parts = [part for part, on in (("projector", self.recipe.model.train_projector),
+                                       ("vision_tower", self.recipe.model.train_vision)) if on]
+        return {k: v for k, v in model.state_dict().items()
+                if "lora_" in k or "mcit_" in k or any(family.contains(k, part) for part in parts)}
 
     def state(self) -> dict[str, Any]:
         """JSON-serialisable method state (router statistics, chosen layers...)."""

@@ -189,7 +189,7 @@ class HiDeLLaVA(ExpertMethod):
                 pool = data.train[task]
                 rng = random.Random(f"{self.recipe.seed}:cka:{task}")
                 probe += rng.sample(pool, min(self.options.cka_samples, len(pool)))
-        encoder = Encoder(self.ctx.processor, self.recipe.train.max_length)
+        encoder = Encoder.from_recipe(self.ctx.processor, self.recipe)
         pixels = PixelCache.from_recipe(self.ctx.processor, self.recipe)
         pad = encoder.tokenizer.pad_token_id
 

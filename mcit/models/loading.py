@@ -1,13 +1,15 @@
 """Load a base multimodal model and its processor from a recipe's `model:` section.
 
-One function per model family keeps a new family (Qwen2-VL, ...) to one small addition: `FAMILIES` maps a config
-`model_type` to the class that builds it. Everything downstream talks to the HF model through the standard API
-(`model(**batch)`, `generate`, `save_pretrained`), and LoRA goes through PEFT on the language model only.
+The model's `config.model_type` picks its family (mcit.models.families: LLaVA-1.5, LLaVA-NeXT/OneVision, Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL, InternVL, Idefics3/SmolVLM); the family's transformers class loads it. Everything downstream
+talks to the HF model through the standard API (`model(**batch)`, `generate`, `save_pretrained`), and LoRA goes
+through PEFT on the language model only.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,12 @@ import torch
 
 from mcit.config import ModelConfig
 from mcit.errors import ModelError
+from mcit.models.families import LM_LAYER, family_for_type, family_of
 from mcit.models.tiny import resolve_builtin
 from mcit.runtime.placement import compute_device, place_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# model_type -> (transformers class name, module path prefix of the language model inside it)
-FAMILIES: dict[str, tuple[str, str]] = {
-    "llava": ("LlavaForConditionalGeneration", "model.language_model"),
-}
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -87,6 +86,10 @@ def _offline_error(name: str, exc: Exception) -> ModelError:
 
 
 def load_processor(cfg: ModelConfig, path: str | None = None):
+    """The model's processor, as `AutoProcessor` loads it. Where that fails only because torchvision is missing (the
+    processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and InternVL carry a video processor, which transformers
+    implements with torchvision alone), the same processor class is built without its video processor
+    (`image_only_processor`): mcit feeds images and text only, so nothing it does changes."""
     from transformers import AutoProcessor
 
     path = path or resolve_path(cfg.name_or_path)
@@ -94,9 +97,53 @@ def load_processor(cfg: ModelConfig, path: str | None = None):
         processor = AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise _offline_error(path, exc) from exc
+    except (AttributeError, ImportError, ValueError, TypeError) as exc:
+        if importlib.util.find_spec("torchvision") is not None:
+            raise
+        processor = image_only_processor(cfg, path, exc)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
     return processor
+
+
+def image_only_processor(cfg: ModelConfig, path: str, cause: Exception):
+    """The model's processor class built from its tokenizer and image processor, its video processor left out (the
+    class check that would demand one is skipped for it alone). Settings of the processor itself
+    (`processor_config.json`: image_seq_length, vision_feature_select_strategy ...) are passed on as saved."""
+    import inspect
+
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    options = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    saved: dict[str, Any] = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            saved = {**json.loads(file.read_text(encoding="utf-8")), **saved}
+    model_type = AutoConfig.from_pretrained(path, **options).model_type
+    class_name = saved.get("processor_class") or PROCESSOR_MAPPING_NAMES.get(model_type)
+    base = getattr(transformers, str(class_name), None)
+    if base is None or "video_processor" not in inspect.signature(base.__init__).parameters:
+        raise ModelError(f"model.name_or_path: the processor of {path} cannot be loaded ({type(cause).__name__}: "
+                         f"{cause})") from cause
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return base.check_argument_for_proper_class(self, argument_name, argument)
+
+    image_only = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
+                                                "__module__": base.__module__, "__doc__": base.__doc__})
+    tokenizer = AutoTokenizer.from_pretrained(path, **options)
+    template = Path(path) / "chat_template.jinja"
+    chat_template = template.read_text(encoding="utf-8") if template.is_file() else tokenizer.chat_template
+    accepted = inspect.signature(base.__init__).parameters
+    extra = {k: v for k, v in saved.items() if k in accepted and k not in
+             ("image_processor", "tokenizer", "video_processor", "chat_template")}
+    return image_only(image_processor=AutoImageProcessor.from_pretrained(path, **options), tokenizer=tokenizer,
+                      video_processor=None, chat_template=chat_template, **extra)
 
 
 def load_base(cfg: ModelConfig, path: str | None = None) -> tuple[Any, Any]:
@@ -112,11 +159,11 @@ def load_base(cfg: ModelConfig, path: str | None = None) -> tuple[Any, Any]:
         hf_config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise _offline_error(path, exc) from exc
-    family = FAMILIES.get(hf_config.model_type)
-    if family is None:
-        raise ModelError(f"model.name_or_path: {path} is a {hf_config.model_type!r} model; supported families: "
-                         f"{', '.join(FAMILIES)} (add one in mcit/models/loading.py FAMILIES)")
-    model_cls = getattr(transformers, family[0])
+    family = family_for_type(hf_config.model_type, f"model.name_or_path: {path}")
+    model_cls = getattr(transformers, family.model_class, None)
+    if model_cls is None:
+        raise ModelError(f"model.name_or_path: {path} is a {family.name} model, but the installed transformers "
+                         f"{transformers.__version__} has no {family.model_class}; upgrade transformers")
     device = compute_device()
     kwargs: dict[str, Any] = {
         "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
@@ -142,12 +189,6 @@ def load_base(cfg: ModelConfig, path: str | None = None) -> tuple[Any, Any]:
     return model, processor
 
 
-LM_LAYER = re.compile(
-    rf"(?:{'|'.join(sorted({re.escape(prefix.rsplit('.', 1)[-1]) for _, prefix in FAMILIES.values()}))})"
-    r"\.(?:model\.)?layers\.(\d+)\.")
-"""A module or parameter name inside decoder layer N of a family's language model (group 1: N)."""
-
-
 def lm_layer_index(name: str) -> int | None:
     """The language-model decoder layer a module or parameter name lies in (0-based), else None."""
     match = LM_LAYER.search(name)
@@ -162,8 +203,7 @@ def num_lm_layers(model) -> int:
 
 
 def language_model_prefix(model) -> str:
-    family = FAMILIES.get(getattr(model.config, "model_type", ""), FAMILIES["llava"])
-    return family[1]
+    return family_of(model).language_model
 
 
 def lora_target_regex(model, target_modules: list[str]) -> str:
@@ -171,10 +211,22 @@ def lora_target_regex(model, target_modules: list[str]) -> str:
 
     PEFT's `all-linear` would also wrap the vision tower and the projector; LLaVA-style MCIT methods adapt only the
     LLM. The regex is matched against full module names (e.g. `model.language_model.layers.3.self_attn.q_proj`).
+    A list that matches no linear layer of the language model is refused, naming the layers there are.
     """
     prefix = language_model_prefix(model).replace(".", r"\.")
     names = "|".join(sorted(set(target_modules)))
-    return rf"^(?:base_model\.model\.)?{prefix}\.layers\.\d+\..*\b(?:{names})$"
+    regex = rf"^(?:base_model\.model\.)?{prefix}\.layers\.\d+\..*\b(?:{names})$"
+    pattern = re.compile(regex)
+    in_layers = [(name, module) for name, module in model.named_modules() if LM_LAYER.search(name + ".")]
+    if in_layers and not any(pattern.match(name) for name, _ in in_layers):
+        # the linear layers a user can name (PEFT's own sub-modules of an already adapted layer left out)
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, module in in_layers
+                         if isinstance(module, torch.nn.Linear) and ".lora_" not in name
+                         and not name.endswith(".base_layer")})
+        raise ModelError(f"method.lora.target_modules {sorted(set(target_modules))} match no linear layer of the "
+                         f"{family_of(model).name} language model ({language_model_prefix(model)}.layers.N.*); "
+                         f"its linear layers are: {', '.join(leaves)}")
+    return regex
 
 
 def trainable_summary(model) -> dict[str, int]:
@@ -185,11 +237,12 @@ def trainable_summary(model) -> dict[str, int]:
 
 def set_trainable_extras(model, cfg: ModelConfig) -> None:
     """Unfreeze the projector / vision tower / whole language model as the recipe asks."""
+    family = family_of(model)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cfg.train_projector:
-        inner.model.multi_modal_projector.requires_grad_(True)
+        family.part(inner, "projector").requires_grad_(True)
     if cfg.train_vision:
-        inner.model.vision_tower.requires_grad_(True)
+        family.part(inner, "vision_tower").requires_grad_(True)
     if cfg.full_finetune:
-        inner.model.language_model.requires_grad_(True)
-        inner.lm_head.requires_grad_(True)
+        family.part(inner, "language_model").requires_grad_(True)
+        inner.get_output_embeddings().requires_grad_(True)

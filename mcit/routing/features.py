@@ -11,21 +11,30 @@ import torch
 from mcit.data.collate import PixelCache
 from mcit.data.records import Sample
 from mcit.errors import ModelError
+from mcit.models.families import family_of
 from mcit.routing.prototypes import TEXT_TOKENS, RouterOptions, SampleFeatures
 from mcit.runtime.precision import eval_mode
 from mcit.runtime.zero import visible_parameters
 
 
 class ModelFeatures:
-    """Router features from the base model's own frozen vision tower and input embeddings."""
+    """Router features from the base model's own frozen vision tower and input embeddings.
+
+    A LLaVA-1.5-style model (one fixed-size image through a CLIP tower) is pooled as HiDe-LLaVA and DISCO pool it:
+    the tower's hidden states at the layer the model reads (`vision_feature_layer`), CLS left out, averaged over the
+    patches. Other families (Qwen2-VL's patch rows, OneVision's anyres tiles, InternVL's and Idefics3's tiles) give
+    each image a variable number of features, so their images are pooled from the model's own
+    `get_image_features` (the projected image tokens the LLM reads), averaged over each image's tokens."""
 
     def __init__(self, model, processor):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner = getattr(base, "model", base)
-        self.vision = getattr(inner, "vision_tower", None) or getattr(base, "vision_tower", None)
-        if self.vision is None:
-            raise ModelError(f"router source 'model': {type(base).__name__} has no vision_tower; use "
-                             "method.router.source: clip")
+        self.family = family_of(base)
+        try:
+            self.vision = self.family.part(base, "vision_tower")
+        except ModelError as exc:
+            raise ModelError(f"router source 'model': {exc}; use method.router.source: clip") from None
+        self.base = base
+        self.per_patch_tower = self.family.name == "llava"
         self.embed = base.get_input_embeddings()
         self.layer = getattr(base.config, "vision_feature_layer", -1)
         if isinstance(self.layer, (list, tuple)):
@@ -33,13 +42,28 @@ class ModelFeatures:
         self.processor = processor
         self.tokenizer = processor.tokenizer
 
-    def image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One pooled vector per image of `inputs` (a PixelCache batch: pixel_values and the family's extras); for
+        the families pooled from `get_image_features`, `inputs` holds one image (how a batch's features split into
+        images differs by family: InternVL returns tiles, Qwen2-VL patch rows)."""
         params = list(self.vision.parameters())
-        with visible_parameters(params), eval_mode(self.vision):
-            device, dtype = params[0].device, params[0].dtype
-            out = self.vision(pixel_values.to(device, dtype), output_hidden_states=True)
-            hidden = out.hidden_states[self.layer]
-            return hidden[:, 1:].float().mean(dim=1).cpu()  # patch tokens; CLS is dropped as LLaVA drops it
+        device, dtype = params[0].device, params[0].dtype
+        if self.per_patch_tower:
+            with visible_parameters(params), eval_mode(self.vision):
+                out = self.vision(inputs["pixel_values"].to(device, dtype), output_hidden_states=True)
+                hidden = out.hidden_states[self.layer]
+                start = 1 if self.family.vision_cls else 0  # CLS is dropped as LLaVA drops it
+                return hidden[:, start:].float().mean(dim=1).cpu()
+        moved = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+        # only the image path's weights are gathered under ZeRO-3, never the language model's
+        image_params = params + list(self.family.part(self.base, "projector").parameters())
+        with visible_parameters(image_params), eval_mode(self.base):
+            features = self.base.get_image_features(**moved)
+        features = getattr(features, "pooler_output", features)
+        if isinstance(features, torch.Tensor):
+            features = [features]
+        # one image's features in whatever grouping the family returns (tiles, patch rows): averaged over them all
+        return torch.cat([f.reshape(-1, f.shape[-1]).float() for f in features]).mean(dim=0, keepdim=True).cpu()
 
     def text(self, texts: Sequence[str]) -> torch.Tensor:
         weight = self.embed.weight
@@ -136,4 +160,6 @@ class FeatureExtractor:
                 with Image.open(s.image) as img:
                     loaded.append(img.convert("RGB"))
             return self.impl.image(loaded)
-        return self.impl.image(self.pixels([s.image for s in samples]))
+        if self.impl.per_patch_tower:
+            return self.impl.image(self.pixels.inputs([s.image for s in samples]))
+        return torch.cat([self.impl.image(self.pixels.inputs([s.image])) for s in samples])

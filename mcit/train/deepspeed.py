@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,28 +246,28 @@ def config_true(ds_config: Mapping, section: str) -> bool:
 def ensure_vision_forward(
     batch: dict[str, torch.Tensor],
     *,
-    image_token_id: int,
-    num_image_tokens: int,
-    image_shape: tuple[int, int, int],
+    image_ids: Sequence[int],
+    image_inputs: dict[str, torch.Tensor],
     pad_token_id: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Return `batch` unchanged if it has images, else a copy that carries one inert all-zero image.
+    """Return `batch` unchanged if it has images, else a copy that carries one inert image.
 
     Under ZeRO-3 a micro-batch without `pixel_values` skips the vision tower, so that rank stops joining the
-    all-gathers of the vision layers the other ranks are running: the job deadlocks. The dummy image's
-    `num_image_tokens` placeholders are appended after every row's last position with attention_mask 0 and labels
-    -100: causal attention never lets a real token see them and no loss is taken on them, so the loss and every
-    gradient are those of the text-only batch (the vision tower and projector receive exactly zero gradient), and
-    the model's image-token count check is satisfied. Apply it to every micro-batch whenever more than one rank
-    trains; `image_shape` is (channels, height, width).
+    all-gathers of the vision layers the other ranks are running: the job deadlocks. The dummy image's tokens
+    (`image_ids`, as the processor expands a small blank image: mcit.data.collate.ImageTokens.dummy) are appended after
+    row 0's last position, the other rows padded alike, all with attention_mask 0 and labels -100, and its model
+    inputs (`image_inputs`: pixel_values and the family's extras) are added: causal attention never lets a real token
+    see them and no loss is taken on them, so the loss and every gradient are those of the text-only batch (the vision
+    tower and projector receive exactly zero gradient), and the model's image-token count check is satisfied. Apply
+    it to every micro-batch whenever more than one rank trains.
     """
     pixels = batch.get("pixel_values")
     if pixels is not None and pixels.shape[0] > 0:
         return batch
     input_ids = batch["input_ids"]
     rows = input_ids.shape[0]
-    extra = torch.full((rows, num_image_tokens), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    extra[0] = image_token_id
+    extra = torch.full((rows, len(image_ids)), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    extra[0] = torch.tensor(list(image_ids), dtype=input_ids.dtype, device=input_ids.device)
     out = dict(batch)
     out["input_ids"] = torch.cat([input_ids, extra], dim=1)
     mask = batch.get("attention_mask")
@@ -276,6 +276,5 @@ def ensure_vision_forward(
     out["attention_mask"] = torch.cat([mask, torch.zeros_like(extra, dtype=mask.dtype)], dim=1)
     if "labels" in batch:
         out["labels"] = torch.cat([batch["labels"], torch.full_like(extra, -100, dtype=batch["labels"].dtype)], dim=1)
-    dtype = pixels.dtype if pixels is not None else torch.float32
-    out["pixel_values"] = torch.zeros((1, *image_shape), dtype=dtype, device=input_ids.device)
+    out.update({key: value.to(input_ids.device) for key, value in image_inputs.items()})
     return out

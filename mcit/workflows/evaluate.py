@@ -39,7 +39,7 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
     card = prepare_card(recipe)
     test = load_test_data(card, recipe)
     align_boxes(card, recipe, processor, test)
-    encoder = Encoder(processor, recipe.train.max_length)
+    encoder = Encoder.from_recipe(processor, recipe)
     out = Path(output_dir) if output_dir else default_output(Path(checkpoint), card.name)
     out.mkdir(parents=True, exist_ok=True)
     pixels = PixelCache.from_recipe(processor, recipe)

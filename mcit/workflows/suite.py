@@ -151,7 +151,7 @@ def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | 
             continue
         recipe = load_recipe(item.recipe_path, settings_only=True) if item.recipe_path else None
         model, processor, method, recipe = load_checkpoint(item.checkpoint, recipe)
-        encoder = Encoder(processor, recipe.train.max_length)
+        encoder = Encoder.from_recipe(processor, recipe)
         pixels = PixelCache.from_recipe(processor, recipe)
         for card, task in resolved:
             if done[task] is not None:

@@ -21,7 +21,7 @@ import torch
 
 from mcit.config import Recipe, TrainConfig
 from mcit.data.cards import DataCard
-from mcit.data.collate import Encoder, PixelCache, image_seq_length
+from mcit.data.collate import Encoder, PixelCache
 from mcit.errors import RecipeError
 from mcit.evaluation.evaluate import evaluate_tasks
 from mcit.evaluation.metrics import continual_metrics, matrix_to_markdown, metrics_to_markdown
@@ -116,14 +116,6 @@ def deepspeed_config(recipe: Recipe) -> dict | None:
                               bf16=recipe.model.dtype == "bf16", zero_stage=None)
 
 
-def image_shape(processor) -> tuple[int, int, int]:
-    ip = processor.image_processor
-    size = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
-    h = size.get("height") or size.get("shortest_edge")
-    w = size.get("width") or size.get("shortest_edge")
-    return (3, int(h), int(w))
-
-
 def finalize_results(results: dict) -> None:
     """Add the continual metrics (on scores and on constrained scores) and the final rows to a run's results."""
     stage_tasks = results["stage_tasks"]
@@ -170,7 +162,7 @@ class ContinualRunner:
         log({"event": "device", "device": str(module_device(model)), "world_size": dist.world_size()})
         log({"event": "zero", "stage": ds.zero_stage_of(ds_config), "parameters": len(base_params),
              "partitioned_parameters": sum(zero.is_sharded(p) for p in base_params)})
-        encoder = Encoder(processor, recipe.train.max_length)
+        encoder = Encoder.from_recipe(processor, recipe)
         pixels = PixelCache.from_recipe(processor, recipe)
         model = attach_method(method, model, processor, recipe, data, output_dir=self.out)
         log({"event": "model", **trainable_summary(model)})
@@ -181,8 +173,7 @@ class ContinualRunner:
             labels=labels, schedule=schedule)
         finished = [s for s in range(len(schedule)) if ckpt.is_complete(folder.stage_dir(s, labels[s]))]
         last_done = max(finished, default=-1)
-        image_info = {"image_token_id": processor.tokenizer.convert_tokens_to_ids(encoder.image_token),
-                      "num_image_tokens": image_seq_length(processor), "image_shape": image_shape(processor)}
+        image_info = dict(zip(("image_ids", "image_inputs"), encoder.images.dummy(), strict=True))
 
         if recipe.eval.zero_shot and results["matrix"][0] is None:
             self._evaluate_row(model, method, encoder, pixels, card, data, results, 0, log)

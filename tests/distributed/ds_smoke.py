@@ -29,6 +29,11 @@ IMAGE_TOKEN = 511
 NUM_IMAGE_TOKENS = 36  # (48 / 8) ** 2 patches, CLS dropped by the "default" feature strategy
 TEXT_LEN = 28
 IMAGE_SHAPE = (3, 48, 48)
+
+
+def dummy_image() -> dict:
+    """The inert image of `ensure_vision_forward`: its placeholder ids and zero pixels."""
+    return {"image_ids": [IMAGE_TOKEN] * NUM_IMAGE_TOKENS, "image_inputs": {"pixel_values": torch.zeros((1, *IMAGE_SHAPE))}}
 MICRO_BATCH = 2
 GLOBAL_BATCH = 4
 WARMUP = 3
@@ -189,7 +194,7 @@ def run_zero(
                 batch = micro_batch(pool, step, part)
                 if guard:
                     batch = ds.ensure_vision_forward(
-                        batch, image_token_id=IMAGE_TOKEN, num_image_tokens=NUM_IMAGE_TOKENS, image_shape=IMAGE_SHAPE
+                        batch, **dummy_image()
                     )
                 loss = engine(**batch).loss
                 engine.backward(loss)
@@ -241,7 +246,7 @@ def second_task(peft_model, first: dict[str, torch.Tensor], ds_config: dict, poo
         batch = micro_batch(pool, step, dist.rank())
         if guard:
             batch = ds.ensure_vision_forward(
-                batch, image_token_id=IMAGE_TOKEN, num_image_tokens=NUM_IMAGE_TOKENS, image_shape=IMAGE_SHAPE
+                batch, **dummy_image()
             )
         engine.backward(engine(**batch).loss)
         engine.step()

@@ -87,8 +87,7 @@ def test_dummy_image_leaves_loss_and_gradients_unchanged() -> None:
     model = LlavaForConditionalGeneration(smoke.tiny_config())
     batch = smoke.micro_batch(smoke.sample_pool(), step=2, part=1)
     assert "pixel_values" not in batch
-    guarded = ds.ensure_vision_forward(batch, image_token_id=smoke.IMAGE_TOKEN,
-                                         num_image_tokens=smoke.NUM_IMAGE_TOKENS, image_shape=smoke.IMAGE_SHAPE)
+    guarded = ds.ensure_vision_forward(batch, **smoke.dummy_image())
     grads = []
     for inputs in (batch, guarded):
         model.zero_grad(set_to_none=False)

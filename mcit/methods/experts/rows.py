@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from mcit.data.collate import Encoder, PixelCache
 from mcit.data.records import Sample
-from mcit.errors import EvalError
+from mcit.errors import EvalError, ModelError
 from mcit.methods.experts.bank import ExpertBank
+from mcit.models.families import family_of
 
 
 class SampleRouting:
@@ -74,9 +75,9 @@ class SampleRouting:
             if distinct:
                 need = list(dict.fromkeys(samples[r].image for r in rows
                                           if samples[r].image and samples[r].image not in self.thumbnails))
-                for start in range(0, len(need), 64):
-                    chunk = need[start:start + 64]
-                    self.thumbnails.update(zip(chunk, _thumbnails(self.pixels(chunk))))
+                for path in need:
+                    inputs = self.pixels.inputs([path])
+                    self.thumbnails[path] = _thumbnail(_split_images(inputs, 1)[0])
             self.table[key] = [(self.thumbnails.get(samples[r].image) if distinct and samples[r].image else None, r)
                                for r in rows]
         self.lengths = sorted({len(k) for k in self.table}, reverse=True)
@@ -97,17 +98,18 @@ class SampleRouting:
             return entries[min(range(len(dists)), key=dists.__getitem__)][1]
         return None
 
-    def _match(self, input_ids: torch.Tensor, mask: torch.Tensor | None, pixel_values) -> torch.Tensor:
+    def _match(self, input_ids: torch.Tensor, mask: torch.Tensor | None, images: dict | None) -> torch.Tensor:
         image_rows = (input_ids == self.image_token_id).any(dim=1).tolist()
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[str, list[torch.Tensor] | None] = {}
 
         def thumb_of(row: int) -> Callable[[], torch.Tensor | None]:
             def get() -> torch.Tensor | None:
-                if pixel_values is None or not image_rows[row]:
+                if not images or images.get("pixel_values") is None or not image_rows[row]:
                     return None
                 if "all" not in cache:
-                    cache["all"] = _thumbnails(pixel_values)
-                return cache["all"][sum(image_rows[:row])]
+                    split = _split_images(images, sum(image_rows))
+                    cache["all"] = None if split is None else [_thumbnail(chunk) for chunk in split]
+                return None if cache["all"] is None else cache["all"][sum(image_rows[:row])]
             return get
 
         found = []
@@ -130,16 +132,19 @@ class SampleRouting:
         if tagged is not None and tagged.shape[0] == input_ids.shape[0]:
             self.current = tagged  # a continuation of a routed call
             return None
-        pixels = kwargs.get("pixel_values")
-        if pixels is None and kwargs.get("mm_encoder_outputs"):
-            pixels = self._encoded_pixels  # generate() ran the vision tower before this call (transformers >= 5.24)
-        self.current = self._match(input_ids, kwargs.get("attention_mask"), pixels)
+        images = {k: kwargs[k] for k in ("pixel_values", "image_grid_thw") if kwargs.get(k) is not None}
+        if not images and kwargs.get("mm_encoder_outputs"):
+            images = self._encoded_pixels  # generate() ran the vision tower before this call (transformers >= 5.24)
+        self.current = self._match(input_ids, kwargs.get("attention_mask"), images)
         if cache is not None:
             _tag(cache, self.current)
         return None
 
     def see_pixels(self, _module, args, kwargs):
-        self._encoded_pixels = kwargs.get("pixel_values", args[0] if args else None)
+        # LLaVA's tower is called with pixel_values; Qwen2-VL's with (patch rows, grid_thw)
+        pixels = kwargs.get("pixel_values", kwargs.get("hidden_states", args[0] if args else None))
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._encoded_pixels = {"pixel_values": pixels, **({"image_grid_thw": grid} if grid is not None else {})}
         return None
 
     def post_hook(self, _module, _args, _kwargs, output):
@@ -159,7 +164,10 @@ class SampleRouting:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         handles = [base.register_forward_pre_hook(self.pre_hook, with_kwargs=True),
                    base.register_forward_hook(self.post_hook, with_kwargs=True)]
-        vision = getattr(getattr(base, "model", base), "vision_tower", None)
+        try:
+            vision = family_of(base).part(base, "vision_tower")
+        except ModelError:
+            vision = None
         if vision is not None:
             handles.append(vision.register_forward_pre_hook(self.see_pixels, with_kwargs=True))
         try:
@@ -204,8 +212,30 @@ def follow_rows(source, target, rows: torch.Tensor) -> None:
         _tag(target, weights[rows.to(weights.device)])
 
 
-def _thumbnails(pixels: torch.Tensor) -> torch.Tensor:
-    return F.adaptive_avg_pool2d(pixels.detach().float().cpu(), 4).flatten(1)
+def _split_images(images: dict, count: int) -> list[torch.Tensor] | None:
+    """The pixel values of each of `count` images in a batch of image inputs: rows of dim 0 where there is one per
+    image (LLaVA, OneVision, Idefics3), Qwen2-VL's patch rows cut by `image_grid_thw`; None where the batch does not
+    say which rows are whose (InternVL's tiles), and matching falls back to the prompt tokens alone."""
+    pixels = images["pixel_values"]
+    if count == 1:
+        return [pixels[0] if pixels.dim() == 5 else pixels]
+    if pixels.shape[0] == count:
+        return list(pixels)
+    grid = images.get("image_grid_thw")
+    if grid is not None and grid.shape[0] == count:
+        return list(torch.split(pixels, grid.prod(dim=-1).tolist()))
+    return None
+
+
+def _thumbnail(pixels: torch.Tensor) -> torch.Tensor:
+    """A small fingerprint of one image's pixel values (only compared with other thumbnails): 4x4 channel means of
+    the image (of its first tile, for tiled inputs), or 64 means of flattened patch rows."""
+    pixels = pixels.detach().float().cpu()
+    if pixels.dim() == 4:
+        pixels = pixels[0]
+    if pixels.dim() == 3:
+        return F.adaptive_avg_pool2d(pixels[None], 4).flatten()
+    return F.adaptive_avg_pool1d(pixels.reshape(1, 1, -1), 64).flatten()
 
 
 class RoutedContext:
