@@ -248,6 +248,7 @@ def ensure_vision_forward(
     *,
     image_ids: Sequence[int],
     image_inputs: dict[str, torch.Tensor],
+    image_token_id: int | None = None,
     pad_token_id: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Return `batch` unchanged if it has images, else a copy that carries one inert image.
@@ -276,5 +277,8 @@ def ensure_vision_forward(
     out["attention_mask"] = torch.cat([mask, torch.zeros_like(extra, dtype=mask.dtype)], dim=1)
     if "labels" in batch:
         out["labels"] = torch.cat([batch["labels"], torch.full_like(extra, -100, dtype=batch["labels"].dtype)], dim=1)
+    if "mm_token_type_ids" in batch:  # Qwen2-VL: the dummy's image tokens are image tokens to its RoPE index too
+        types = (extra == image_token_id).to(batch["mm_token_type_ids"].dtype)
+        out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], types], dim=1)
     out.update({key: value.to(input_ids.device) for key, value in image_inputs.items()})
     return out

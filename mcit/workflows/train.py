@@ -173,7 +173,8 @@ class ContinualRunner:
             labels=labels, schedule=schedule)
         finished = [s for s in range(len(schedule)) if ckpt.is_complete(folder.stage_dir(s, labels[s]))]
         last_done = max(finished, default=-1)
-        image_info = dict(zip(("image_ids", "image_inputs"), encoder.images.dummy(), strict=True))
+        image_info = dict(zip(("image_ids", "image_inputs"), encoder.images.dummy(), strict=True),
+                          image_token_id=processor.tokenizer.convert_tokens_to_ids(encoder.image_token))
 
         if recipe.eval.zero_shot and results["matrix"][0] is None:
             self._evaluate_row(model, method, encoder, pixels, card, data, results, 0, log)
