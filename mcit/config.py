@@ -51,6 +51,9 @@ class ModelConfig:
     full_finetune: bool = False
     """Train every language-model weight instead of adapters (used to pretrain the tiny base)."""
     gradient_checkpointing: bool = False
+    processor: dict[str, Any] = field(default_factory=dict)
+    """Settings of the model's image processor, applied on top of the checkpoint's own (e.g. Qwen2-VL's
+    `{max_pixels: 262144}`, which bounds how many image tokens one image becomes)."""
 
 
 @dataclass

@@ -94,16 +94,31 @@ def load_processor(cfg: ModelConfig, path: str | None = None):
 
     path = path or resolve_path(cfg.name_or_path)
     try:
-        processor = AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                                  **cfg.processor)
     except OSError as exc:
         raise _offline_error(path, exc) from exc
     except (AttributeError, ImportError, ValueError, TypeError) as exc:
         if importlib.util.find_spec("torchvision") is not None:
             raise
         processor = image_only_processor(cfg, path, exc)
+    _check_processor_settings(cfg, processor.image_processor)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
     return processor
+
+
+def _check_processor_settings(cfg: ModelConfig, image_processor) -> None:
+    """`model.processor` keys must be settings of the image processor: from_pretrained drops unknown ones silently,
+    and a misspelt `max_pixels` would leave every image at the checkpoint's resolution."""
+    known = set(image_processor.to_dict())
+    kwargs = getattr(image_processor, "valid_kwargs", None)  # a TypedDict of the settings it takes
+    for attribute in ("__required_keys__", "__optional_keys__", "__annotations__"):
+        known |= set(getattr(kwargs, attribute, ()))
+    for key in cfg.processor:
+        if key not in known:
+            raise ModelError(f"model.processor.{key}: not a setting of {type(image_processor).__name__}; its settings "
+                             f"include {', '.join(sorted(k for k in known if not k.startswith('_'))[:24])}")
 
 
 def image_only_processor(cfg: ModelConfig, path: str, cause: Exception):
@@ -142,7 +157,8 @@ def image_only_processor(cfg: ModelConfig, path: str, cause: Exception):
     accepted = inspect.signature(base.__init__).parameters
     extra = {k: v for k, v in saved.items() if k in accepted and k not in
              ("image_processor", "tokenizer", "video_processor", "chat_template")}
-    return image_only(image_processor=AutoImageProcessor.from_pretrained(path, **options), tokenizer=tokenizer,
+    return image_only(image_processor=AutoImageProcessor.from_pretrained(path, **options, **cfg.processor),
+                      tokenizer=tokenizer,
                       video_processor=None, chat_template=chat_template, **extra)
 
 

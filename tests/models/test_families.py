@@ -77,6 +77,15 @@ def test_lora_ft_trains_evaluates_exports_and_reloads_with_plain_peft(family_bas
         got = plain(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
+    # layer-wise CKA between the two task models reads this family's decoder layers
+    stages = [str(run / "checkpoints" / name) for name in ("stage-01-shape", "stage-02-mc-color")]
+    proc = subprocess.run([sys.executable, "-m", "mcit.cli", "analyze", "cka", "--checkpoints", *stages,
+                           "--benchmark", "synthcit-mini", "--root", str(synthcit_root), "--samples", "3",
+                           "--out", str(tmp_path / "cka")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cka = json.loads((tmp_path / "cka" / "cka.json").read_text())
+    assert len(cka["layers"]) == stage_model.config.get_text_config().num_hidden_layers
+
 
 def test_disco_routes_each_family(family_base, tmp_path, synthcit_root):
     _, base = family_base

@@ -57,3 +57,17 @@ def test_an_unsupported_model_type_names_the_families_and_how_to_add_one(tmp_pat
     for family in {f.name for f in FAMILIES.values()}:
         assert family in message
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "blip-2"
+
+
+def test_processor_settings_apply_and_a_misspelt_one_is_refused(tmp_path):
+    folder = create_family_init("qwen2_vl", tmp_path / "qwen")
+    from mcit.data.collate import ImageTokens
+    from mcit.models.loading import load_processor
+
+    default = load_processor(ModelConfig(name_or_path=str(folder)))
+    capped = load_processor(ModelConfig(name_or_path=str(folder), processor={"max_pixels": 28 * 28}))
+    big = ImageTokens(default).for_size((64, 64))[1]
+    assert ImageTokens(capped).for_size((64, 64))[1] < big  # fewer pixels, fewer image tokens
+    with pytest.raises(ModelError, match=r"model.processor.max_pixelz: not a setting of Qwen2VLImageProcessor.*"
+                                         r"max_pixels"):
+        load_processor(ModelConfig(name_or_path=str(folder), processor={"max_pixelz": 100}))
