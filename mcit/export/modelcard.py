@@ -90,7 +90,7 @@ def prompt_format(processor) -> dict[str, Any]:
     conversation, prompt = encoder.readable(Sample("example", "example", "image", [EXAMPLE_TURN]))
     return {"prompt": prompt, "conversation": conversation, "eos": encoder.eos_token,
             "bos": encoder.prefix_text or None, "image_token": encoder.image_token,
-            "image_tokens": encoder.image_tokens}
+            "image_tokens": encoder.image_tokens, "image_tokens_vary": encoder.images.fixed is None}
 
 
 def model_prompt_format(model_config) -> dict[str, Any] | None:
@@ -302,6 +302,13 @@ def _body(info: dict[str, Any], license_id: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _image_tokens(fmt: dict[str, Any]) -> str:
+    if fmt.get("image_tokens_vary"):
+        return (f"the tokens (their number depends on the image's size: {fmt['image_tokens']} for a 1024 x 1024 "
+                "image)")
+    return f"the {fmt['image_tokens']} placeholder tokens"
+
+
 def _prompt_section(fmt: dict[str, Any]) -> list[str]:
     eos, bos = fmt["eos"], fmt.get("bos")
     added = (f" The tokenizer adds `{bos}` itself when the processor tokenizes the text "
@@ -311,8 +318,8 @@ def _prompt_section(fmt: dict[str, Any]) -> list[str]:
         "",
         "Training and evaluation used the base model's own prompt format: its processor's chat template "
         "(`processor.apply_chat_template(messages, add_generation_prompt=True)`), special tokens as the model reads "
-        f"them.{added} `{fmt['image_token']}` stands for the {fmt['image_tokens']} placeholder tokens the processor "
-        "expands one image into. The prompt for an answer:",
+        f"them.{added} `{fmt['image_token']}` stands for {_image_tokens(fmt)} the processor expands one image "
+        "into. The prompt for an answer:",
         "",
         "```text",
         fmt["prompt"],

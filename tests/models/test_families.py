@@ -49,6 +49,8 @@ def test_lora_ft_trains_evaluates_exports_and_reloads_with_plain_peft(family_bas
     proc = subprocess.run([sys.executable, "-m", "mcit.cli", "export", str(run), "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the model card's prompt section: the family's own template, image tokens counted per image size
+    assert "their number depends on the image's size" in (out / "README.md").read_text()
 
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
