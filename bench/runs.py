@@ -6,20 +6,31 @@ peak-RSS mark is reset (`/proc/self/clear_refs`); after it trains, the optimizer
 stage's peak RSS is read (`VmHWM`). The parent adds the bytes of every stage checkpoint, the runner's own wall-clock
 records (`timing.json`) and the results (`results.json`).
 
-Recipes: `recipes/synthcit/<method>.yaml`, unchanged.
+Recipes: `recipes/synthcit/<method>.yaml`, unchanged (with `--model`, only `model.name_or_path` is overridden).
 Sizes: `full` = the recipes unchanged (six tasks, 2,000 training / 200 test samples each); `small` =
 `benchmark.max_train` / `benchmark.max_test` cut down (the card loader's seeded subsets), otherwise unchanged.
+
+Two architectures (docs/MODELS.md): the same methods on several bases, into one committed result file, and the
+table of docs/MODELS.md rewritten from it:
+
+    python -m bench.runs quality --model builtin:tiny-llava --model builtin:tiny-qwen2vl \
+        --methods lora_ft,disco,sefe --size small --seeds 0 --out bench/results/two-architectures.json
+    python -m bench.runs table bench/results/two-architectures.json --doc docs/MODELS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, read_json, run_child, write_json
+from bench.common import DEFAULT_WORKDIR, REPO, machine, other_load, read_json, run_child, sha256, write_json
 
 METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "sefe")
 SIZES: dict[str, dict[str, Any]] = {
@@ -103,8 +114,15 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run_folder(workdir: Path, size: str, method: str, seed: int) -> Path:
-    return workdir / f"runs-{size}" / f"{method}-s{seed}"
+def model_slug(model: str) -> str:
+    """A folder name for a base model: `builtin:tiny-qwen2vl` -> `tiny-qwen2vl`, a path -> its last part."""
+    return Path(model.removeprefix("builtin:").rstrip("/")).name or "model"
+
+
+def run_folder(workdir: Path, size: str, method: str, seed: int, model: str | None = None) -> Path:
+    """`runs-<size>/<method>-s<seed>` for the recipes' own base; `runs-<size>/<model>/<method>-s<seed>` for another."""
+    parent = workdir / f"runs-{size}"
+    return (parent / model_slug(model) if model else parent) / f"{method}-s{seed}"
 
 
 def is_finished(folder: Path) -> bool:
@@ -112,10 +130,14 @@ def is_finished(folder: Path) -> bool:
     return bool(results and results.get("metrics")) and (folder / "probe.json").is_file()
 
 
-def run_method(workdir: Path, size: str, method: str, seed: int, threads: int, log: Path) -> dict[str, Any]:
-    """One instrumented run (skipped when the folder already holds a finished one); returns its record."""
-    folder = run_folder(workdir, size, method, seed)
+def run_method(workdir: Path, size: str, method: str, seed: int, threads: int, log: Path,
+               model: str | None = None) -> dict[str, Any]:
+    """One instrumented run (skipped when the folder already holds a finished one); returns its record. `model`:
+    the base (`model.name_or_path`) instead of the recipe's."""
+    folder = run_folder(workdir, size, method, seed, model)
     recipe, extra = recipe_for(method)
+    if model:
+        extra = [*extra, f"model.name_or_path={model}"]
     overrides = [*extra, *SIZES[size]["overrides"], f"seed={seed}", f"output_dir={folder}"]
     if not is_finished(folder):
         if folder.exists():
@@ -140,7 +162,8 @@ def collect(folder: Path, method: str, seed: int, size: str, command: list[str])
 
     recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) if (folder / "recipe.yaml").is_file() else {}
     train = {k: recipe.get("train", {}).get(k) for k in ("epochs", "lr", "batch_size", "max_steps")}
-    return {"method": method, "seed": seed, "size": size, "folder": str(folder), "command": command, "train": train,
+    return {"method": method, "seed": seed, "size": size, "model": (recipe.get("model") or {}).get("name_or_path"),
+            "folder": str(folder), "command": command, "train": train,
             "tasks": results["tasks"], "stages": results["stages"], "matrix": results["matrix"],
             "metrics": results["metrics"], "metrics_constrained": results.get("metrics_constrained", {}),
             "final_superficial": results.get("final_superficial"), "final_essential": results.get("final_essential"),
@@ -149,14 +172,175 @@ def collect(folder: Path, method: str, seed: int, size: str, command: list[str])
             "runner_timing": timing.get("train", {})}
 
 
+# --- several bases: `python -m bench.runs quality --model ...` ------------------------------------------------------
+
+def _key(record: dict[str, Any]) -> tuple:
+    return record.get("model"), record["size"], record["method"], record["seed"]
+
+
+def _say(text: str) -> None:
+    print(f"[bench.runs {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def base_weights(model: str) -> dict[str, Any]:
+    """The base's folder and the sha256 of its weights (what a row of the result file was computed from)."""
+    from mcit.models.loading import resolve_path
+
+    folder = Path(resolve_path(model))
+    weights = folder / "model.safetensors"
+    provenance = read_json(folder / "PROVENANCE.json") or {}
+    return {"folder": str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder),
+            "model_safetensors_sha256": sha256(weights) if weights.is_file() else None,
+            "provenance_sha256": provenance.get("model_safetensors_sha256"), "kind": provenance.get("kind")}
+
+
+def quality(models: list[str], methods: list[str], seeds: list[int], size: str, out: Path, *,
+            workdir: Path = DEFAULT_WORKDIR, threads: int = 1, jobs: int = 1) -> dict[str, Any]:
+    """Every model x method x seed at `size` (finished runs in `workdir` are reused), merged into the result file
+    `out`: rows of other models, sizes or methods already there are kept, so the file collects several invocations
+    (e.g. the `small` table of two bases and `full` runs of one). The file is rewritten after each run.
+
+    `threads` per run, `jobs` runs side by side: on a shared 2-core machine one thread per run is faster than two
+    (two threads wait on each other whenever another process holds a core)."""
+    data = read_json(out) or {"runs": []}
+    records = {_key(r): r for r in data.get("runs", [])}
+    bases = dict(data.get("bases", {}))
+    log = workdir / "children.log"
+    lock = threading.Lock()
+    started = time.time()
+
+    def save() -> None:
+        order = {m: i for i, m in enumerate(METHODS)}
+        rows = sorted(records.values(), key=lambda r: (r["size"], str(r.get("model")), order.get(r["method"], 99),
+                                                       r["seed"]))
+        write_json(out, {"description": "SynthCIT recipes, unchanged but for model.name_or_path, on several bases "
+                                        "(bench/runs.py quality)", "runs": rows, "bases": bases,
+                         "machine": data.get("machine"), "load": data.get("load"),
+                         "seconds": round(time.time() - started, 1),
+                         "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+
+    def one(model: str, method: str, seed: int) -> None:
+        _say(f"{size}: {method} on {model}, seed {seed}")
+        t0 = time.time()
+        try:
+            record = run_method(workdir, size, method, seed, threads, log, model)
+        except RuntimeError as exc:  # one failed run must not lose the others
+            record = {"method": method, "seed": seed, "size": size, "model": model,
+                      "error": str(exc).splitlines()[-1]}
+        record["model"] = model
+        with lock:
+            records[_key(record)] = record
+            save()
+        _say(f"{size}: {method} on {model}, seed {seed} done in {time.time() - t0:.0f} s")
+
+    for model in models:
+        bases[model] = base_weights(model)
+    data["machine"] = {**machine(), "threads_per_run": threads, "jobs": jobs}
+    data["load"] = {"before": other_load()}
+    plan = [(model, method, seed) for model in models for seed in seeds for method in methods]
+    if jobs > 1:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(lambda job: one(*job), plan))
+    else:
+        for job in plan:
+            one(*job)
+    data["load"]["after"] = other_load()
+    save()
+    return read_json(out)
+
+
+def table(data: dict[str, Any]) -> list[str]:
+    """Markdown tables of a result file: per size, one row per base x method (mean ± sd over seeds), then the final
+    row of the accuracy matrix per task."""
+    from bench.report import _pm, _value
+
+    lines: list[str] = []
+    for size in sorted({r["size"] for r in data["runs"]}, key=lambda s: list(SIZES).index(s)):
+        rows = [r for r in data["runs"] if r["size"] == size]
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for run in rows:
+            groups.setdefault((run.get("model") or "?", run["method"]), []).append(run)
+        done = [r for r in rows if not r.get("error")]
+        tasks = done[0]["tasks"] if done else []
+        seeds = sorted({r["seed"] for r in rows})
+        lines += [f"Size `{size}` ({', '.join(SIZES[size]['overrides']) or 'the recipes unchanged'}); seed"
+                  f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; tasks {' → '.join(tasks)}.", "",
+                  "| base | method | MFT | MFN | MAA | BWT | superficial % | essential % | router acc. % | "
+                  "constrained MFN |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for (model, method), items in groups.items():
+            ok = [r for r in items if not r.get("error")]
+            if not ok:
+                lines.append(f"| {model_slug(model)} | {method} | failed: {items[0]['error']} |" + " |" * 7)
+                continue
+            router = [r["router_accuracy"][-1] if r.get("router_accuracy") else None for r in ok]
+            metric = [[r["metrics"].get(k) for r in ok] for k in ("MFT", "MFN", "MAA", "BWT")]
+            lines.append(f"| {model_slug(model)} | {method} | {' | '.join(_pm(m) for m in metric)} | "
+                         f"{_pm([_value(r, 'superficial') for r in ok])} | {_pm([_value(r, 'essential') for r in ok])} | "
+                         f"{_pm(router)} | {_pm([r['metrics_constrained'].get('MFN') for r in ok])} |")
+        lines += ["", f"Final row per task (size `{size}`, mean over seeds):", "",
+                  f"| base | method | {' | '.join(tasks)} |", "|---|---|" + "---:|" * len(tasks)]
+        for (model, method), items in groups.items():
+            ok = [r for r in items if not r.get("error")]
+            if ok:
+                cols = [statistics.fmean(r["matrix"][-1][i] for r in ok) for i in range(len(tasks))]
+                lines.append(f"| {model_slug(model)} | {method} | {' | '.join(f'{c:.1f}' for c in cols)} |")
+        lines.append("")
+    return lines
+
+
+BEGIN, END = "<!-- two-architectures:begin (python -m bench.runs table) -->", "<!-- two-architectures:end -->"
+
+
+def write_table(data: dict[str, Any], doc: Path) -> None:
+    """Replace the lines between the BEGIN and END markers of `doc` with `table(data)`."""
+    text = doc.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc}: no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(head + BEGIN + "\n" + "\n".join(table(data)) + "\n" + END + tail, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="one instrumented continual run (child of `python -m bench`)")
-    parser.add_argument("mode", choices=["worker"])
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--out", required=True)
+    parser = argparse.ArgumentParser(prog="python -m bench.runs",
+                                     description="instrumented continual runs (child of `python -m bench`), and the "
+                                                 "same runs on several bases (docs/MODELS.md)")
+    modes = parser.add_subparsers(dest="mode", required=True)
+    child = modes.add_parser("worker", help="one instrumented run (what `python -m bench quality` starts)")
+    child.add_argument("recipe")
+    child.add_argument("overrides", nargs="*")
+    child.add_argument("--out", required=True)
+    several = modes.add_parser("quality", help="methods x seeds on each --model, into one result file")
+    several.add_argument("--model", action="append", required=True,
+                         help="a base model (builtin:tiny-qwen2vl, a folder); repeat for several")
+    several.add_argument("--methods", default="lora_ft,disco,sefe")
+    several.add_argument("--seeds", default="0")
+    several.add_argument("--size", default="small", choices=list(SIZES))
+    several.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "two-architectures.json")
+    several.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    several.add_argument("--threads", type=int, default=1, help="threads per run")
+    several.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    render = modes.add_parser("table", help="print a result file's tables, or write them into --doc")
+    render.add_argument("result", type=Path)
+    render.add_argument("--doc", type=Path, default=None)
     args = parser.parse_args(argv)
-    worker(args.recipe, args.overrides, Path(args.out))
+    if args.mode == "worker":
+        worker(args.recipe, args.overrides, Path(args.out))
+    elif args.mode == "quality":
+        unknown = [m for m in args.methods.split(",") if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        quality(args.model, args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.size, args.out,
+                workdir=args.workdir, threads=args.threads, jobs=args.jobs)
+        print("\n".join(table(read_json(args.out))))
+    else:
+        data = read_json(args.result)
+        if data is None:
+            parser.error(f"{args.result}: no such result file")
+        if args.doc:
+            write_table(data, args.doc)
+        else:
+            print("\n".join(table(data)))
 
 
 if __name__ == "__main__":

@@ -173,14 +173,23 @@ def create_init(out_dir: Path, spec: TinyLlavaSpec | None = None, seed: int = 0,
 
 
 def resolve_builtin(name: str) -> Path:
-    """Map a `builtin:` model name to a local directory, building the random-init variant on first use."""
+    """Map a `builtin:` model name to a local directory, building a random-init variant on first use.
+
+    Two shipped bases of two architectures, each with the random init its pretraining recipe starts from:
+    `tiny-llava` (LLaVA-1.5: CLIP + MLP projector + Llama, fixed 36 image tokens) and `tiny-qwen2vl` (Qwen2-VL:
+    dynamic-resolution ViT + patch merger + Qwen2 with multimodal RoPE; mcit.models.tiny_families.TinyQwen2VLSpec)."""
+    from mcit.models.tiny_families import QWEN2VL_ASSET_DIR, create_tiny_qwen2vl_init
+
     key = name.removeprefix("builtin:")
-    if key == "tiny-llava":
-        if not (ASSET_DIR / "config.json").exists():
+    shipped = {"tiny-llava": (ASSET_DIR, "pretrain-tiny.yaml"),
+               "tiny-qwen2vl": (QWEN2VL_ASSET_DIR, "pretrain-tiny-qwen2vl.yaml")}
+    if key in shipped:
+        folder, recipe = shipped[key]
+        if not (folder / "config.json").exists():
             raise ModelError(
-                f"the shipped tiny base is missing from {ASSET_DIR}; rebuild it with "
-                "`mcit train recipes/synthcit/pretrain-tiny.yaml` and `mcit export --full` into that folder")
-        return ASSET_DIR
+                f"the shipped base builtin:{key} is missing from {folder}; rebuild it with "
+                f"`mcit train recipes/synthcit/{recipe}` and `mcit export RUN --full` into that folder")
+        return folder
     if key == "tiny-llava-init":
         # the tokenizer is trained on SynthCIT's text, so a new generator version gets a new init; "-nobos": inits
         # cached before the tokenizer stopped adding BOS would train a base in another format than the shipped one
@@ -188,4 +197,10 @@ def resolve_builtin(name: str) -> Path:
         if not (path / "config.json").exists():
             create_init(path)
         return path
-    raise ModelError(f"unknown builtin model {name!r}; expected builtin:tiny-llava or builtin:tiny-llava-init")
+    if key == "tiny-qwen2vl-init":
+        path = cache_dir() / "models" / f"tiny-qwen2vl-init-v{VERSION}"  # the BPE is trained on SynthCIT's text too
+        if not (path / "config.json").exists():
+            create_tiny_qwen2vl_init(path)
+        return path
+    raise ModelError(f"unknown builtin model {name!r}; expected builtin:tiny-llava, builtin:tiny-llava-init, "
+                     "builtin:tiny-qwen2vl or builtin:tiny-qwen2vl-init")
