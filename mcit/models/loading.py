@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,29 @@ def image_only_processor(cfg: ModelConfig, path: str, cause: Exception):
             return None
         return base.check_argument_for_proper_class(self, argument_name, argument)
 
+    def get_attributes(cls) -> list[str]:  # what save_pretrained writes: all but the absent video processor
+        return [name for name in base.get_attributes() if name != "video_processor"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The processor as loaded, the video processor's saved settings carried over from the checkpoint it came
+        from, so the folder loads again (with torchvision: the whole processor; without: this class again)."""
+        out = base.save_pretrained(self, save_directory, *args, **kwargs)
+        target = Path(save_directory) / "processor_config.json"
+        source = Path(path) / "processor_config.json"
+        if target.is_file() and source.is_file():
+            video = json.loads(source.read_text(encoding="utf-8")).get("video_processor")
+            if video is not None:
+                saved = json.loads(target.read_text(encoding="utf-8"))
+                saved["video_processor"] = video
+                target.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name in ("video_preprocessor_config.json",):
+            if (Path(path) / name).is_file() and not (Path(save_directory) / name).exists():
+                shutil.copy2(Path(path) / name, Path(save_directory) / name)
+        return out
+
     image_only = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
+                                                "get_attributes": classmethod(get_attributes),
+                                                "save_pretrained": save_pretrained,
                                                 "__module__": base.__module__, "__doc__": base.__doc__})
     tokenizer = AutoTokenizer.from_pretrained(path, **options)
     template = Path(path) / "chat_template.jinja"

@@ -79,6 +79,15 @@ def test_lora_ft_trains_evaluates_exports_and_reloads_with_plain_peft(family_bas
         got = plain(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
+    # a full model (adapter merged into the base) with its processor: loads as any checkpoint, same logits
+    proc = subprocess.run([sys.executable, "-m", "mcit.cli", "export", str(run), "--out", str(tmp_path / "full"),
+                           "--full"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged, merged_processor, _, _ = load_checkpoint(str(tmp_path / "full"))
+    assert type(merged_processor).__name__ == type(processor).__name__
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+
     # layer-wise CKA between the two task models reads this family's decoder layers
     stages = [str(run / "checkpoints" / name) for name in ("stage-01-shape", "stage-02-mc-color")]
     proc = subprocess.run([sys.executable, "-m", "mcit.cli", "analyze", "cka", "--checkpoints", *stages,
