@@ -235,16 +235,19 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
 
     for model in models:
         bases[model] = base_weights(model)
-    data["machine"] = {**machine(), "threads_per_run": threads, "jobs": jobs}
-    data["load"] = {"before": other_load()}
     plan = [(model, method, seed) for model in models for seed in seeds for method in methods]
+    runs = any(not is_finished(run_folder(workdir, size, method, seed, model)) for model, method, seed in plan)
+    if runs:  # an invocation that only collects finished runs keeps the record of the one that ran them
+        data["machine"] = {**machine(), "threads_per_run": threads, "jobs": jobs}
+        data["load"] = {"before": other_load()}
     if jobs > 1:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(lambda job: one(*job), plan))
     else:
         for job in plan:
             one(*job)
-    data["load"]["after"] = other_load()
+    if runs:
+        data["load"]["after"] = other_load()
     save()
     return read_json(out)
 
@@ -277,7 +280,7 @@ def table(data: dict[str, Any]) -> list[str]:
             lines.append(f"| {model_slug(model)} | {method} | {' | '.join(_pm(m) for m in metric)} | "
                          f"{_pm([_value(r, 'superficial') for r in ok])} | {_pm([_value(r, 'essential') for r in ok])} | "
                          f"{_pm(router)} | {_pm([r['metrics_constrained'].get('MFN') for r in ok])} |")
-        lines += ["", f"Final row per task (size `{size}`, mean over seeds):", "",
+        lines += ["", f"Final row per task (size `{size}`{', mean over seeds' if len(seeds) > 1 else ''}):", "",
                   f"| base | method | {' | '.join(tasks)} |", "|---|---|" + "---:|" * len(tasks)]
         for (model, method), items in groups.items():
             ok = [r for r in items if not r.get("error")]

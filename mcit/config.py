@@ -35,7 +35,8 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 @dataclass
 class ModelConfig:
     name_or_path: str = "builtin:tiny-llava"
-    """An HF model id, a local directory, or `builtin:tiny-llava` / `builtin:tiny-llava-init`."""
+    """An HF model id, a local directory, or a shipped tiny base: `builtin:tiny-llava`, `builtin:tiny-qwen2vl` (and
+    their random inits `builtin:tiny-llava-init`, `builtin:tiny-qwen2vl-init`)."""
     revision: str | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Storage dtype of the base weights (bf16 halves memory on GPU; on CPU keep fp32 and use autocast)."""

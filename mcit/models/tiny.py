@@ -9,7 +9,7 @@ Two variants:
 
 - `builtin:tiny-llava-init`: randomly initialised (built on first use into the cache); the pretraining recipe
   `recipes/synthcit/pretrain-tiny.yaml` starts from it.
-- `builtin:tiny-llava`: the pretrained base shipped in `mcit/assets/tiny-llava/` (bf16 weights, with the recipe and
+- `builtin:tiny-llava`: the pretrained base shipped in `mcit/assets/tiny-llava/` (fp32 weights, with the recipe and
   seed that made them in `PROVENANCE.json`).
 
 Size choices: the calibration notes (docs/SYNTHCIT.md) found a d=128 text model too small to count or answer yes/no;
