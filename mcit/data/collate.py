@@ -68,15 +68,18 @@ _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_tok
 class ProcessorProfile:
     """What a processor's own output says about its family, asked once with one blank image."""
 
-    image_keys: frozenset[str]
+    image_keys: frozenset[str] | None
     """The image inputs the model takes (what the processor returns besides the text's; an image processor's
-    bookkeeping such as InternVL's `num_patches`, which the processor drops, is not among them)."""
+    bookkeeping such as InternVL's `num_patches`, which the processor drops, is not among them); None: every tensor
+    the image processor returns (an object holding only an image processor, as in tests and benchmarks)."""
     token_types: bool
     """The processor marks image tokens in `mm_token_type_ids` (Qwen2-VL's multimodal RoPE needs them)."""
     image_token_id: int
 
 
 def processor_profile(processor) -> ProcessorProfile:
+    if not callable(processor):  # only an image processor (no text side): pixels only, nothing to mark
+        return ProcessorProfile(None, False, -1)
     cached = getattr(processor, "_mcit_profile", None)
     if cached is None:
         image_token = getattr(processor, "image_token", None) or IMAGE_TOKEN
@@ -162,7 +165,8 @@ def image_inputs(processor, images: Sequence[Image.Image]) -> list[dict[str, tor
     out = []
     for image in images:
         feature = processor.image_processor(images=[image], return_tensors="pt")
-        out.append({key: value for key, value in feature.items() if key in keys and isinstance(value, torch.Tensor)})
+        out.append({key: value for key, value in feature.items()
+                    if (keys is None or key in keys) and isinstance(value, torch.Tensor)})
     return out
 
 
@@ -395,12 +399,12 @@ class PixelCache:
         missing = [p for p in wanted if p not in found]
         self.hits += len(found)
         self.misses += len(missing)
-        for path in missing:
-            image = self.decode(path)  # DataError for bombs and unreadable files
-            if self.pad_to_square:
-                image = pad_to_square(image, self.processor)
-            found[path] = image_inputs(self.processor, [image])[0]
-            self._keep(path, found[path])
+        images = [self.decode(path) for path in missing]  # DataError for bombs and unreadable files, before any work
+        if self.pad_to_square:
+            images = [pad_to_square(image, self.processor) for image in images]
+        for path, inputs in zip(missing, image_inputs(self.processor, images), strict=True):
+            found[path] = inputs
+            self._keep(path, inputs)
         return batch_image_inputs([found[p] for p in paths])
 
     def _keep(self, path: str, inputs: dict[str, torch.Tensor]) -> None:
@@ -444,7 +448,8 @@ def collate(items: Sequence[Encoded], pad_id: int, pixels: PixelCache, padding_s
     images = [item.image for item in items if item.image]
     if images:
         batch.update(pixels.inputs(images))
-    batch.update(token_types(pixels.processor, input_ids))
+    if pixels is not None:
+        batch.update(token_types(pixels.processor, input_ids))
     return batch
 
 
