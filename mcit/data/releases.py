@@ -68,6 +68,7 @@ from typing import Any
 
 from mcit.data.formats import FOLDER_FORMATS, RELEASE_FORMATS, RecordError, read_raw
 from mcit.data.records import IMAGE_PREFIX, Sample
+from mcit.runtime.files import sha256
 
 MME_SUBTASKS = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                 "OCR", "commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -276,14 +277,6 @@ def _is_none(value: str | None) -> bool:
     return value is None or value.strip().lower() in ("", "nan", "none")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _image_suffix(data: bytes) -> str:
     for magic, suffix in ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp")):
         if data.startswith(magic):
@@ -301,7 +294,7 @@ def read_mmbench(tsv: Path, image_root: Path, task: str) -> tuple[list[Sample], 
     a folder and a second load decodes nothing. Two processes building at once both finish; the first rename wins.
     """
     out = _Collector(task)
-    folder = decoded_image_root("mmbench") / _file_sha256(tsv)[:32]
+    folder = decoded_image_root("mmbench") / sha256(tsv)[:32]
     manifest = _read_manifest(folder, out)
     if manifest is None and folder.exists():
         return out.result()  # a folder we did not write: _read_manifest reported it
