@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEFAULT_WORKDIR, REPO, machine, other_load, read_json, run_child, sha256, write_json
+from bench.common import DEFAULT_WORKDIR, REPO, machine, other_load, fill_block, read_json, run_child, sha256, write_json
 
 METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "sefe")
 SIZES: dict[str, dict[str, Any]] = {
@@ -296,12 +296,7 @@ BEGIN, END = "<!-- two-architectures:begin (python -m bench.runs table) -->", "<
 
 def write_table(data: dict[str, Any], doc: Path) -> None:
     """Replace the lines between the BEGIN and END markers of `doc` with `table(data)`."""
-    text = doc.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc}: no {BEGIN} ... {END} block to fill")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    doc.write_text(head + BEGIN + "\n" + "\n".join(table(data)) + "\n" + END + tail, encoding="utf-8")
+    fill_block(doc, BEGIN, END, table(data))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,18 +65,18 @@ def _steady(stamps: list[tuple[float, float]], sizes: list[int], tokens: list[in
 # --- mcit ----------------------------------------------------------------------------------------------------------
 
 def mcit_recipe(task: str, steps: int, batch: int, autocast: str | None, workdir: Path,
-                dropout: float = LORA["dropout"]):
+                dropout: float = LORA["dropout"], base: Path | None = None):
     from mcit.config import load_recipe
 
-    overrides = [f"output_dir={workdir}", f"benchmark.tasks=[{task}]", f"train.max_steps={steps}",
-                 f"train.batch_size={batch}", "train.save_steps=0", "train.log_steps=1",
+    overrides = [*([f"model.name_or_path={base}"] if base else []), f"output_dir={workdir}", f"benchmark.tasks=[{task}]", f"train.max_steps={steps}",
+                 f"train.batch_size={batch}", "train.save_steps=0", "train.log_steps=1", "train.lr=1e-3",
                  f"method.lora.r={LORA['r']}", f"method.lora.alpha={LORA['alpha']}",
                  f"method.lora.dropout={dropout}", f"model.autocast={autocast or 'null'}"]
     return load_recipe(Path(__file__).resolve().parents[1] / RECIPE, overrides)
 
 
 def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdir: Path, method_name: str = "lora_ft",
-                 dropout: float = LORA["dropout"]):
+                 dropout: float = LORA["dropout"], base: Path | None = None):
     """A model with the method's adapter, the encoded samples and a StageTrainer ready to run (untimed)."""
     from mcit.data.collate import Encoder, PixelCache
     from mcit.methods.base import TaskData, build_method
@@ -84,7 +84,7 @@ def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdi
     from mcit.workflows.load import attach_method, build_model
 
     tasks = task.split(",")
-    recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir, dropout)
+    recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir, dropout, base)
     recipe.method.name = method_name
     per_task = -(-steps * batch // len(tasks))
     samples = [s for name in tasks for s in synthcit_samples(name, "train", per_task)][:steps * batch]
@@ -173,7 +173,7 @@ def step_breakdown(trainer, steps: list[int]) -> dict[str, Any]:
 def run_mcit(args) -> dict[str, Any]:
     workdir = Path(args.out).with_suffix("")
     trainer, stamps, encoded, _ = prepare_mcit(args.task, args.steps, args.batch, args.autocast, workdir,
-                                               dropout=args.dropout)
+                                               dropout=args.dropout, base=_base(args))
     plan = trainer.plan
     sizes = [len(plan.micro_batches[s]) for s in range(plan.steps)]
     tokens = [sum(len(encoded[i]) for i in plan.micro_batches[s]) for s in range(plan.steps)]
@@ -181,7 +181,7 @@ def run_mcit(args) -> dict[str, Any]:
               for s in range(plan.steps)]
     stats = trainer.run()
     result = {"side": "mcit", "autocast": args.autocast, "dropout": args.dropout, "steps": plan.steps,
-              "batch": args.batch,
+              "batch": args.batch, "width": args.width, "device": str(next(trainer.model.parameters()).device),
               "final_loss": stats["final_loss"], "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
               **_steady(stamps, sizes, tokens, args.warmup)}
     if args.breakdown:
@@ -195,6 +195,15 @@ def run_mcit(args) -> dict[str, Any]:
     return result
 
 
+def _base(args) -> Path | None:
+    """The random-init wide base of `--width` (built once next to the output), or None for the shipped base."""
+    if not args.width:
+        return None
+    from bench.router_speed import wide_base
+
+    return wide_base(args.width, Path(args.out).resolve().parent)
+
+
 # --- plain transformers Trainer + PEFT ----------------------------------------------------------------------------
 
 def run_trainer(args) -> dict[str, Any]:
@@ -206,7 +215,7 @@ def run_trainer(args) -> dict[str, Any]:
     from bench.common import base_model_dir
 
     tuned = args.side == "trainer-tuned"
-    path = base_model_dir()
+    path = _base(args) or base_model_dir()
     torch.manual_seed(0)
     processor = AutoProcessor.from_pretrained(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
@@ -259,7 +268,8 @@ def run_trainer(args) -> dict[str, Any]:
     training = TrainingArguments(
         output_dir=str(workdir), per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-3,
         warmup_steps=0.03, lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0, save_strategy="no",
-        logging_strategy="no", report_to="none", use_cpu=True, bf16=tuned, disable_tqdm=True, seed=0,
+        logging_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=tuned,
+        disable_tqdm=True, seed=0,
         remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
         train_sampling_strategy="group_by_length" if tuned else "random")
     trainer = Trainer(model=model, args=training, train_dataset=Rows(), data_collator=collate,
@@ -278,7 +288,7 @@ def run_trainer(args) -> dict[str, Any]:
     sizes, tokens = [s[0] for s in seen[:len(stamps)]], [s[1] for s in seen[:len(stamps)]]
     padded = [s[2] for s in seen[:len(stamps)]]
     return {"side": args.side, "autocast": "bf16" if tuned else None, "dropout": args.dropout, "steps": len(stamps),
-            "batch": args.batch,
+            "batch": args.batch, "width": args.width, "device": str(next(model.parameters()).device),
             "final_loss": out.training_loss, "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
             **_steady(stamps, sizes, tokens, args.warmup)}
 
@@ -286,19 +296,24 @@ def run_trainer(args) -> dict[str, Any]:
 # --- matmul peak ---------------------------------------------------------------------------------------------------
 
 def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict[str, Any]:
-    """Best achieved FLOP/s of square matmuls in fp32 and bf16 (2 n^3 FLOPs each)."""
+    """Best achieved FLOP/s of square matmuls in fp32 and bf16 (2 n^3 FLOPs each), on the GPU when there is one
+    (synchronised around each product), else on the CPU: the denominator of MFU on the device the training ran on."""
     import torch
 
-    out: dict[str, Any] = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         best, per_size = 0.0, {}
         for n in sizes:
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
             torch.mm(a, b)
+            sync()
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 torch.mm(a, b)
+                sync()
                 times.append(time.perf_counter() - t0)
             rate = 2 * n ** 3 / min(times)
             per_size[str(n)] = round(rate / 1e9, 3)
@@ -324,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--sizes", default="1024,2048,4096")
+    parser.add_argument("--width", type=int, default=None,
+                        help="a random-init base whose language model is this wide (bench.router_speed.wide_base)")
     run = {"mcit": run_mcit, "trainer": run_trainer, "trainer-tuned": run_trainer, "peak": run_peak}
     child_main(parser, lambda args: run[args.side](args), argv)
 
