@@ -30,7 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEFAULT_WORKDIR, REPO, machine, other_load, fill_block, read_json, run_child, sha256, write_json
+from bench.common import (
+    DEFAULT_WORKDIR,
+    REPO,
+    fill_block,
+    machine,
+    other_load,
+    read_json,
+    run_child,
+    sha256,
+    write_json,
+)
 
 METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "sefe")
 SIZES: dict[str, dict[str, Any]] = {
