@@ -56,3 +56,9 @@ def lora_layers(model) -> list[LoraLayerRef]:
             if index is not None:
                 out.append(LoraLayerRef(name, index, module))
     return out
+
+
+def base_weights(layers: dict[str, Any]) -> dict[str, Any]:
+    """The (merged-into) base weights of LoRA layers by state-dict key: what a checkpoint must hold once a method has
+    merged adapters into the model's weights (RegLoRA, KeepLoRA)."""
+    return {f"{name}.base_layer.weight": layer.get_base_layer().weight.detach() for name, layer in layers.items()}

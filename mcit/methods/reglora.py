@@ -41,6 +41,7 @@ import torch
 
 from mcit.errors import CheckpointError, RecipeError
 from mcit.methods.base import TaskData, register
+from mcit.methods.lora import base_weights
 from mcit.methods.lora_ft import ADAPTER, SequentialLoRA
 from mcit.runtime.zero import is_sharded
 
@@ -220,8 +221,7 @@ class RegLoRA(SequentialLoRA):
     def state_tensors(self, model) -> dict[str, torch.Tensor]:
         tensors = super().state_tensors(model)
         if self.merged_tasks:
-            for name, layer in self._layers.items():
-                tensors[f"{name}.base_layer.weight"] = layer.get_base_layer().weight.detach()
+            tensors.update(base_weights(self._layers))
         return tensors
 
     def method_tensors(self) -> dict[str, torch.Tensor]:

@@ -35,6 +35,11 @@ def set_row(results: dict[str, Any], row: int, task_results: Sequence[Any], rout
         results["router"]["accuracy"][row] = routing.get("accuracy")
         confusion = results["router"].setdefault("confusion", [None] * len(results["stages"]))
         confusion[row] = routing.get("confusion")
+        # anything else a router reports (experts, expert confusion, MR-LoRA's answers without a valid letter and
+        # routing generations) is kept per row under its own key; `tasks` repeats the document's own
+        for key, value in routing.items():
+            if key not in ("accuracy", "confusion", "tasks"):
+                results["router"].setdefault(key, [None] * len(results["stages"]))[row] = value
 
 
 def checkpoint_results(checkpoint: str, benchmark: str, tasks: Sequence[str], task_results: Sequence[Any],

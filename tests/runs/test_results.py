@@ -64,6 +64,15 @@ def test_set_row_records_the_routing_report_of_that_row():
     assert doc["router"]["confusion"] == [None, confusion, None, None]
 
 
+def test_set_row_keeps_the_other_keys_of_a_routing_report_per_row():
+    doc = _empty()
+    set_row(doc, 2, [_task_result(k) for k in range(3)], {"accuracy": 50.0, "confusion": [[1]], "tasks": list(TASKS),
+                                                          "fallbacks": 3, "routing_generations": 24})
+    assert doc["router"]["fallbacks"] == [None, None, 3, None]
+    assert doc["router"]["routing_generations"] == [None, None, 24, None]
+    assert "tasks" not in doc["router"]
+
+
 def test_checkpoint_results_is_one_row_with_the_run_documents_row_keys():
     results = [_task_result(k) for k in range(2)]
     doc = checkpoint_results("runs/x/checkpoints/stage-02-mc-color", "synthcit", TASKS[:2], results, None)

@@ -32,7 +32,6 @@ class ExpertMethod(Method):
 
     def __init__(self, recipe, options):
         super().__init__(recipe, options)
-        check_router_options(options.router, recipe)
         self.experts: list[str] = []
         """Adapter names of the experts, in creation order."""
         self.expert_tasks: dict[str, list[str]] = {}
@@ -84,7 +83,9 @@ class ExpertMethod(Method):
 
     # --- router ----------------------------------------------------------------------------------------------------
     def make_router(self) -> PrototypeRouter:
-        """The routing strategy (see mcit.routing.router); a subclass may return another with the same duties."""
+        """The routing strategy (see mcit.routing.router); a subclass may return another with the same duties (and
+        checks its own options: this one checks `method.router` as prototype-router options)."""
+        check_router_options(self.options.router, self.recipe)
         return PrototypeRouter(self.options.router, self.recipe.seed)
 
     @property
