@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -88,8 +89,8 @@ def _offline_error(name: str, exc: Exception) -> ModelError:
 
 def load_processor(cfg: ModelConfig, path: str | None = None):
     """The model's processor, as `AutoProcessor` loads it. Where that fails only because torchvision is missing (the
-    processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and InternVL carry a video processor, which transformers
-    implements with torchvision alone), the same processor class is built without its video processor
+    processors of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL and SmolVLM carry a video processor, which
+    transformers implements with torchvision alone), the same processor class is built without its video processor
     (`image_only_processor`): mcit feeds images and text only, so nothing it does changes."""
     from transformers import AutoProcessor
 
@@ -124,8 +125,9 @@ def _check_processor_settings(cfg: ModelConfig, image_processor) -> None:
 
 def image_only_processor(cfg: ModelConfig, path: str, cause: Exception):
     """The model's processor class built from its tokenizer and image processor, its video processor left out (the
-    class check that would demand one is skipped for it alone). Settings of the processor itself
-    (`processor_config.json`: image_seq_length, vision_feature_select_strategy ...) are passed on as saved."""
+    class check that would demand one is skipped for it alone; its saved settings stand in for it, `SavedVideoSettings`).
+    Settings of the processor itself (`processor_config.json`: image_seq_length, vision_feature_select_strategy ...) are
+    passed on as saved."""
     import inspect
 
     import transformers
@@ -170,9 +172,14 @@ def image_only_processor(cfg: ModelConfig, path: str, cause: Exception):
                 shutil.copy2(Path(path) / name, Path(save_directory) / name)
         return out
 
+    video_file = Path(path) / "video_preprocessor_config.json"
+    video = saved.get("video_processor") or (json.loads(video_file.read_text(encoding="utf-8"))
+                                             if video_file.is_file() else {})
     image_only = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
                                                 "get_attributes": classmethod(get_attributes),
                                                 "save_pretrained": save_pretrained,
+                                                # a class attribute: never serialised as a setting of the processor
+                                                "video_processor": SavedVideoSettings(**video),
                                                 "__module__": base.__module__, "__doc__": base.__doc__})
     tokenizer = AutoTokenizer.from_pretrained(path, **options)
     template = Path(path) / "chat_template.jinja"
@@ -181,8 +188,18 @@ def image_only_processor(cfg: ModelConfig, path: str, cause: Exception):
     extra = {k: v for k, v in saved.items() if k in accepted and k not in
              ("image_processor", "tokenizer", "video_processor", "chat_template")}
     return image_only(image_processor=AutoImageProcessor.from_pretrained(path, **options, **cfg.processor),
-                      tokenizer=tokenizer,
-                      video_processor=None, chat_template=chat_template, **extra)
+                      tokenizer=tokenizer, video_processor=None, chat_template=chat_template, **extra)
+
+
+class SavedVideoSettings(SimpleNamespace):
+    """The saved settings of a video processor that was not built, readable as attributes (a setting not saved reads
+    as None, as an unset one does on a built processor). Some processors read them outside any video call: SmolVLM's
+    `apply_chat_template` passes its video processor's `num_frames` and `fps` on even when rendering text alone."""
+
+    def __getattr__(self, name: str) -> None:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
 
 
 def load_base(cfg: ModelConfig, path: str | None = None) -> tuple[Any, Any]:

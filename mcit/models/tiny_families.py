@@ -1,9 +1,10 @@
 """Tiny random-init checkpoints of the other model families, one per `model_type`, for the family adapters' tests.
 
-Each is a real transformers architecture of its family (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL, Idefics3)
-built from config at toy sizes (text d=64 with 2 layers, vision d=64 with 2 layers, images of at most 64 px), with a
-byte-level BPE tokenizer trained locally on SynthCIT's text, the family's special tokens under their real names, its
-real chat-template format and its real processor class. A folder loads with `AutoProcessor` and
+Each is a real transformers architecture of its family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, LLaVA-OneVision,
+InternVL, Idefics3, SmolVLM) built from config at toy sizes (text d=64 with 2 layers, vision d=64 with 2 layers,
+images of at most 64 px), with a tokenizer trained locally on SynthCIT's text (byte-level BPE; LLaVA-NeXT's Mistral:
+sentencepiece BPE with byte fallback, like `builtin:tiny-llava`'s), the family's special tokens under their real
+names, its real chat-template format and its real processor class. A folder loads with `AutoProcessor` and
 `AutoModelForImageTextToText` like the hub checkpoint it stands for, so an adapter tested here meets the same module
 paths, processor outputs and placeholder expansion as on the full-size model. Like `builtin:tiny-llava-init`, these
 are untrained: they check plumbing (shapes, token counts, losses, generation), never quality.
@@ -12,13 +13,18 @@ What is kept from each real checkpoint: the processor class and its placeholder 
 and temporal patch size 2 of the Qwen vision towers, Qwen2.5-VL's windowed vision attention with its last block
 global, SigLIP with the anyres grid and `vision_feature_select_strategy="full"` for LLaVA-OneVision, the CLS-carrying
 InternViT with pixel shuffle 0.5 and the "default" strategy for InternVL, the image splitting with row/column tags for
-Idefics3, and EOS = the end-of-turn token that each instruct model's generation config stops on. What is scaled down:
-widths, depths, the image sizes (so one image is a handful of tokens) and the anyres/tiling grids.
+Idefics3, Qwen3-VL's 16 px patches, learned position grid, DeepStack mergers and interleaved multimodal RoPE (theta
+5e6, an explicit head_dim), LLaVA-NeXT's CLIP with CLS, the second-to-last layer read with the "default" strategy,
+anyres tiles with one image-newline token per row and the Mistral [INST] format with <s> added by the tokenizer,
+SmolVLM's Idefics3-style splitting with pixel shuffle 4 and SmolLM2's <|im_start|> BOS, and EOS = the end-of-turn token
+that each instruct model's generation config stops on. What is scaled down: widths, depths, the image sizes (so one
+image is a handful of tokens) and the anyres/tiling grids.
 
-The processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and InternVL carry a video processor, which transformers only
-implements with torchvision; `AutoProcessor.from_pretrained` of those folders therefore needs torchvision installed.
-The folder is written without it (the processor config is data), and the model, tokenizer and image processor load
-without it. SmolVLM is not built: its processor also requires the `num2words` package.
+The processors of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL and SmolVLM carry a video processor,
+which transformers only implements with torchvision; `AutoProcessor.from_pretrained` of those folders therefore needs
+torchvision installed (mcit.models.loading builds them without their video processor when it is missing). The folder
+is written without it (the processor config is data), and the model, tokenizer and image processor load without it.
+SmolVLM's processor class also needs the `num2words` package, whichever way it is built.
 """
 
 from __future__ import annotations
@@ -48,11 +54,9 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 # --- chat templates: the real checkpoints' formats (data, written as each hub processor ships it) ----------------
 
-QWEN2_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+_QWEN_NAMESPACES = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+_QWEN_TURN = (  # one ChatML turn; an image is <|vision_start|><|image_pad|><|vision_end|>, expanded by the processor
+    "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
@@ -62,9 +66,16 @@ QWEN2_VL_TEMPLATE = (
     "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+_QWEN_GENERATION = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+# Qwen2-VL / Qwen2.5-VL: a default system prompt opens every conversation that has none.
+QWEN2_VL_TEMPLATE = (
+    _QWEN_NAMESPACES + "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}" + _QWEN_TURN + "{% endfor %}" + _QWEN_GENERATION
+)
+# Qwen3-VL Instruct (its tool-call branches left out): the same turns, no default system prompt.
+QWEN3_VL_TEMPLATE = _QWEN_NAMESPACES + "{% for message in messages %}" + _QWEN_TURN + "{% endfor %}" + _QWEN_GENERATION
 
 # LLaVA-OneVision (llava-hf conversion): images first, then videos, then the text of the turn.
 ONEVISION_TEMPLATE = (
@@ -102,6 +113,23 @@ IDEFICS3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# SmolVLM(2) Instruct: Idefics3's "User:<image>text<end_of_utterance>" turns, opened by <|im_start|> (its BOS).
+SMOLVLM_TEMPLATE = "<|im_start|>" + IDEFICS3_TEMPLATE.removeprefix("<|begin_of_text|>")
+
+# LLaVA-NeXT on Mistral-7B-Instruct (llava-v1.6-mistral): "[INST] <image>\ntext [/INST] answer</s>"; the generation
+# prompt adds nothing (the model answers right after [/INST]), and the tokenizer puts <s> first.
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ ' ' + content['text'] }}{% endfor %}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
 CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN_VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 IDEFICS3_TILES = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
@@ -114,7 +142,7 @@ class TinyFamily:
     model_type: str
     processor_class: str
     tokenizer_class: str  # the class the real checkpoint's tokenizer_config names
-    special_tokens: tuple[str, ...]  # added after the BPE vocabulary, in this order
+    special_tokens: tuple[str, ...]  # added after the BPE vocabulary, in this order (sentencepiece: its own symbols)
     eos_token: str
     pad_token: str
     stop_tokens: tuple[str, ...]  # generation_config.eos_token_id: the end-of-turn token first
@@ -143,17 +171,30 @@ def mrope_section(head_dim: int) -> list[int]:
     return [time, height, pairs - time - height]
 
 
-def _qwen_config(config_class: str, vision: dict[str, Any], text: dict[str, Any] | None = None, **top: Any):
-    """`text`: sizes of the language model (default: the shared toy `TEXT`); `top`: further top-level config keys."""
+def interleaved_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's (time, height, width) counts of a head's rotary frequency pairs, 24 / 20 / 20 of 64: height and width
+    take every third pair (from pair 1 and 2), time the rest; kept in that proportion at other head sizes (32: 6 / 5 /
+    5)."""
+    pairs = head_dim // 2
+    spatial = pairs * 5 // 16
+    return [pairs - 2 * spatial, spatial, spatial]
+
+
+def _qwen_config(config_class: str, vision: dict[str, Any], text: dict[str, Any] | None = None, *,
+                 section: Callable[[int], list[int]] = mrope_section, rope: dict[str, Any] | None = None, **top: Any):
+    """`text`: sizes of the language model (default: the shared toy `TEXT`); `section`: the multimodal RoPE split of a
+    head; `rope`: further rope parameters (over Qwen2-VL's theta 1e6); `top`: further top-level config keys."""
     sizes = dict(TEXT, **(text or {}))
 
     def make(tokens: Callable[[str], int], vocab: int, family: TinyFamily):
         import transformers
 
         head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
-        rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section(head_dim)}
+        rope_parameters = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section(head_dim),
+                           **(rope or {})}
         return getattr(transformers, config_class)(
-            text_config=_text(family.model_type + "_text", vocab, tokens, family, sizes, rope_parameters=rope),
+            text_config=_text(family.model_type + "_text", vocab, tokens, family, sizes,
+                              rope_parameters=rope_parameters),
             vision_config=vision, image_token_id=tokens("<|image_pad|>"), video_token_id=tokens("<|video_pad|>"),
             vision_start_token_id=tokens("<|vision_start|>"), vision_end_token_id=tokens("<|vision_end|>"), **top)
     return make
@@ -189,11 +230,39 @@ def _idefics3_config(tokens: Callable[[str], int], vocab: int, family: TinyFamil
         image_token_id=tokens("<image>"), scale_factor=2)
 
 
+def _smolvlm_config(tokens: Callable[[str], int], vocab: int, family: TinyFamily):
+    from transformers import SmolVLMConfig
+
+    # SmolVLM's pixel shuffle is 4 (Idefics3's 2): 8 px patches of a 32 px tile would leave one token, so 4 px ones
+    return SmolVLMConfig(
+        vision_config=dict(VISION, image_size=32, patch_size=4), text_config=_text("llama", vocab, tokens, family),
+        image_token_id=tokens("<image>"), scale_factor=4)
+
+
+def _llava_next_config(tokens: Callable[[str], int], vocab: int, family: TinyFamily):
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(
+        vision_config=dict(VISION, model_type="clip_vision_model", image_size=32, patch_size=8, projection_dim=64),
+        text_config=_text("mistral", vocab, tokens, family, sliding_window=None),
+        image_token_index=tokens("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-2,
+        image_grid_pinpoints=family.image_processor["image_grid_pinpoints"], image_seq_length=16,
+        tie_word_embeddings=False)
+
+
 QWEN_IMAGES = {"class": "Qwen2VLImageProcessorPil", "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
                "min_pixels": 28 * 28, "max_pixels": 56 * 56}  # 1 to 4 merged tokens per image
 QWEN_VIDEOS = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 14, "merge_size": 2,
                "temporal_patch_size": 2, "size": {"shortest_edge": 28 * 28 * 2, "longest_edge": 56 * 56 * 4}}
 QWEN_VISION_TOWER = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+# Qwen3-VL: 16 px patches, so one merged token covers 32 px; SigLIP-2's mean and std of 0.5
+QWEN3_IMAGES = {"class": "Qwen2VLImageProcessorPil", "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+                "size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64},  # 1 to 4 merged tokens per image
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+QWEN3_VIDEOS = {"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": 16, "merge_size": 2,
+                "temporal_patch_size": 2, "size": {"shortest_edge": 32 * 32 * 2, "longest_edge": 64 * 64 * 4},
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+QWEN3_VISION_TOWER = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
 
 FAMILIES: dict[str, TinyFamily] = {
     family.model_type: family for family in (
@@ -249,6 +318,45 @@ FAMILIES: dict[str, TinyFamily] = {
                              "max_image_size": {"longest_edge": 32}, "do_image_splitting": True},
             processor_kwargs={"image_seq_len": 4},  # (32 / 8) ** 2 patches / scale_factor ** 2
             make_config=_idefics3_config),
+        TinyFamily(
+            model_type="qwen3_vl", processor_class="Qwen3VLProcessor", tokenizer_class="Qwen2Tokenizer",
+            special_tokens=CHATML + QWEN_VISION, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            stop_tokens=("<|im_end|>", "<|endoftext|>"), chat_template=QWEN3_VL_TEMPLATE,
+            image_processor=QWEN3_IMAGES, video_processor=QWEN3_VIDEOS,
+            # every vision block feeds a DeepStack merger whose tokens are added after decoder layers 0 and 1, as
+            # blocks 8 / 16 / 24 of the real 27 feed decoder layers 0 / 1 / 2
+            make_config=_qwen_config("Qwen3VLConfig", dict(
+                QWEN3_VISION_TOWER, depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                out_hidden_size=TEXT["hidden_size"], num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+                {"head_dim": TEXT["hidden_size"] // TEXT["num_attention_heads"]}, section=interleaved_mrope_section,
+                rope={"rope_theta": 5_000_000.0, "mrope_interleaved": True})),
+        TinyFamily(
+            model_type="llava_next", processor_class="LlavaNextProcessor", tokenizer_class="LlamaTokenizer",
+            special_tokens=("<unk>", "<s>", "</s>", "<image>", "<pad>"), bos_token="<s>", eos_token="</s>",
+            pad_token="<pad>", stop_tokens=("</s>",), chat_template=LLAVA_NEXT_TEMPLATE,
+            # llava-v1.6's 336 px CLIP tiles and (h, w) grid pinpoints 336 x 672 ... 1008 x 336, scaled to 32 px tiles
+            image_processor={"class": "LlavaNextImageProcessorPil", "size": {"shortest_edge": 32},
+                             "crop_size": {"height": 32, "width": 32},
+                             "image_grid_pinpoints": [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]},
+            processor_kwargs={"patch_size": 8, "vision_feature_select_strategy": "default",
+                              "num_additional_image_tokens": 1, "image_token": "<image>"},
+            make_config=_llava_next_config),
+        TinyFamily(
+            model_type="smolvlm", processor_class="SmolVLMProcessor", tokenizer_class="GPT2Tokenizer",
+            special_tokens=CHATML + ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
+            + IDEFICS3_TILES,
+            bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
+            stop_tokens=("<end_of_utterance>",), chat_template=SMOLVLM_TEMPLATE,
+            named_tokens={"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+                          "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+            image_processor={"class": "SmolVLMImageProcessorPil", "size": {"longest_edge": 64},
+                             "max_image_size": {"longest_edge": 32}, "do_image_splitting": True,
+                             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+            video_processor={"video_processor_type": "SmolVLMVideoProcessor", "size": {"longest_edge": 32},
+                             "max_image_size": {"longest_edge": 32}, "fps": 1, "num_frames": 64,
+                             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+            processor_kwargs={"image_seq_len": 4},  # (32 / 4) ** 2 patches / scale_factor ** 2
+            make_config=_smolvlm_config),
     )
 }
 
@@ -278,18 +386,48 @@ def build_tokenizer(family: TinyFamily, texts: list[str] | None = None):
     """The family's tokenizer class around a BPE trained on `texts` (default: SynthCIT's text)."""
     import transformers
 
-    trained = train_byte_level_bpe(corpus() if texts is None else texts, family.special_tokens)
+    texts = corpus() if texts is None else texts
+    if family.tokenizer_class == "LlamaTokenizer":
+        return _sentencepiece_tokenizer(family, texts)
+    trained = train_byte_level_bpe(texts, family.special_tokens)
     specials = {"eos_token": family.eos_token, "pad_token": family.pad_token, "bos_token": family.bos_token}
     named = {"extra_special_tokens": dict(family.named_tokens)} if family.named_tokens else {}
-    if family.tokenizer_class == "Qwen2Tokenizer":
-        # Qwen2Tokenizer rebuilds its own pipeline from vocab + merges (the same pre-tokenizer as trained above)
+    if family.tokenizer_class in ("Qwen2Tokenizer", "GPT2Tokenizer"):
+        # both rebuild their own byte-level pipeline from vocab + merges (Qwen2's is the pre-tokenizer trained above;
+        # GPT-2's regex splits numbers differently, which only changes which merges apply); GPT-2 keeps its default
+        # unknown token <|endoftext|>, Qwen2 has none
         model = json.loads(trained.to_str())["model"]
-        tokenizer = transformers.Qwen2Tokenizer(
-            vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], unk_token=None, **specials, **named)
+        unknown = {"unk_token": None} if family.tokenizer_class == "Qwen2Tokenizer" else {}
+        tokenizer = getattr(transformers, family.tokenizer_class)(
+            vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], **unknown, **specials, **named)
         tokenizer.add_special_tokens({"additional_special_tokens": list(family.special_tokens)},
                                      replace_extra_special_tokens=False)
     else:
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=trained, **specials, **named)
+    tokenizer.chat_template = family.chat_template
+    return tokenizer
+
+
+def _sentencepiece_tokenizer(family: TinyFamily, texts: list[str]):
+    """A LLaMA/Mistral tokenizer: sentencepiece BPE with byte fallback (trained as `builtin:tiny-llava`'s is) whose
+    <unk> <s> </s> come first and <image> <pad> follow as user-defined symbols, converted by `LlamaTokenizer`, which
+    puts <s> before every text as Mistral's does."""
+    import tempfile
+
+    from transformers import LlamaTokenizer
+
+    from mcit.models.tiny import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        train_tokenizer(Path(folder), VOCAB_SIZE, texts)
+        tokenizer = LlamaTokenizer.from_pretrained(folder, pad_token=family.pad_token, add_bos_token=True,
+                                                   add_eos_token=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": [  # <image>: never split, skipped when decoding
+        t for t in family.special_tokens if t not in tokenizer.all_special_tokens]})
+    unknown = [t for t in family.special_tokens if tokenizer.convert_tokens_to_ids(t) == tokenizer.unk_token_id
+               and t != tokenizer.unk_token]
+    if unknown or (tokenizer.bos_token, tokenizer.eos_token) != (family.bos_token, family.eos_token):
+        raise ModelError(f"{family.model_type}: the sentencepiece tokenizer lacks {unknown} or names other BOS/EOS")
     tokenizer.chat_template = family.chat_template
     return tokenizer
 
@@ -305,7 +443,7 @@ def build_image_processor(family: TinyFamily):
 def write_processor(out_dir: Path, family: TinyFamily, tokenizer, image_processor) -> None:
     """Save what `<family.processor_class>.save_pretrained` saves, without instantiating the processor.
 
-    The four families with a video processor cannot instantiate their processor class without torchvision, so the
+    The families with a video processor cannot instantiate their processor class without torchvision, so the
     processor config is written as data in the layout transformers reads back: `processor_config.json` with the
     nested sub-processor configs and the processor's own arguments, `chat_template.jinja`, and the tokenizer files.
     """

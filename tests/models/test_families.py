@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from mcit.models.families import family_for_type
-from mcit.models.tiny_families import create_family_init
+from mcit.models.tiny_families import FAMILY_BUILDERS, create_family_init
 from tests.recipes import write_recipe
 
 pytestmark = pytest.mark.slow
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl", "idefics3")
+FAMILIES = tuple(FAMILY_BUILDERS)  # every family with a tiny builder
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

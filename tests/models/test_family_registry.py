@@ -11,10 +11,17 @@ from mcit.config import ModelConfig
 from mcit.errors import ModelError
 from mcit.models.families import FAMILIES, family_of
 from mcit.models.loading import LM_LAYER, lm_layer_index, load_base, lora_target_regex
-from mcit.models.tiny_families import create_family_init
+from mcit.models.tiny_families import FAMILY_BUILDERS, create_family_init
+
+TINY = ("llava", *FAMILY_BUILDERS)
+"""A tiny checkpoint of each family: builtin:tiny-llava for LLaVA-1.5, a random-init builder for every other."""
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl", "idefics3"])
+def test_every_registered_family_has_a_tiny_checkpoint_tested_here():
+    assert {model_type for family in FAMILIES.values() for model_type in family.model_types} == set(TINY)
+
+
+@pytest.fixture(scope="module", params=TINY)
 def loaded(request, tmp_path_factory):
     if request.param == "llava":
         return load_base(ModelConfig(name_or_path="builtin:tiny-llava"))

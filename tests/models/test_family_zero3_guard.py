@@ -12,11 +12,11 @@ from mcit.data.collate import Encoder, PixelCache, collate
 from mcit.data.records import Sample
 from mcit.models.families import family_of
 from mcit.models.loading import load_base
-from mcit.models.tiny_families import create_family_init
+from mcit.models.tiny_families import FAMILY_BUILDERS, create_family_init
 from mcit.train import deepspeed as ds
 
 
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl", "idefics3"])
+@pytest.mark.parametrize("model_type", ["llava", *FAMILY_BUILDERS])
 def test_the_inert_image_changes_no_loss_and_no_gradient(model_type, tmp_path):
     name = "builtin:tiny-llava" if model_type == "llava" else str(create_family_init(model_type, tmp_path / "m"))
     model, processor = load_base(ModelConfig(name_or_path=name))
