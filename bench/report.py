@@ -25,6 +25,14 @@ CLAIMS = [
     ("sefe", "reglora", "superficial", -1, "ASD cuts superficial forgetting (SEFE vs RegLoRA, final % wrong format)"),
     ("sefe", "lora_ft", "MFN", 1, "SEFE beats sequential LoRA"),
     ("sefe", "reglora", "MFN", 1, "SEFE beats RegLoRA alone"),
+    ("mr_lora", "lora_ft", "MFN", 1, "MR-LoRA beats sequential LoRA (MLLM-CL)"),
+    ("cl_moe", "lora_ft", "MFN", 1, "CL-MoE beats sequential LoRA"),
+    ("cl_moe", "moelora", "MFN", 1, "CL-MoE beats MoELoRA"),
+    ("modalprompt", "lora_ft", "MFN", 1, "ModalPrompt beats sequential LoRA"),
+    ("keeplora", "lora_ft", "MFN", 1, "KeepLoRA beats sequential LoRA"),
+    ("keeplora", "olora", "MFN", 1, "KeepLoRA beats O-LoRA"),
+    ("smolora", "lora_ft", "MFN", 1, "SMoLoRA beats sequential LoRA"),
+    ("smolora", "moelora", "MFN", 1, "SMoLoRA beats MoELoRA"),
 ]
 
 

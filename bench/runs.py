@@ -42,7 +42,8 @@ from bench.common import (
     write_json,
 )
 
-METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "sefe")
+METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "sefe", "mr_lora", "cl_moe",
+           "modalprompt", "keeplora", "smolora")
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "seeds": [0, 1, 2]},
     "small": {"overrides": ["benchmark.max_train=128", "benchmark.max_test=24"], "seeds": [0, 1, 2]},
@@ -265,7 +266,7 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
 def table(data: dict[str, Any]) -> list[str]:
     """Markdown tables of a result file: per size, one row per base x method (mean ± sd over seeds), then the final
     row of the accuracy matrix per task."""
-    from bench.report import _pm, _value
+    from bench.report import _claim_rows, _pm, _value
 
     lines: list[str] = []
     for size in sorted({r["size"] for r in data["runs"]}, key=lambda s: list(SIZES).index(s)):
@@ -297,16 +298,26 @@ def table(data: dict[str, Any]) -> list[str]:
             if ok:
                 cols = [statistics.fmean(r["matrix"][-1][i] for r in ok) for i in range(len(tasks))]
                 lines.append(f"| {model_slug(model)} | {method} | {' | '.join(f'{c:.1f}' for c in cols)} |")
+        for model in dict.fromkeys(model for model, _ in groups):
+            claims = _claim_rows({method: [r for r in items if not r.get("error")]
+                                  for (m, method), items in groups.items() if m == model})
+            if claims:
+                lines += ["", f"Orderings the papers claim, on {model_slug(model)} (size `{size}`): advantage = how "
+                          "much better the first method is; *reproduces* = positive in every seed.", "",
+                          "| claim | pair | metric | advantage of the first, mean (per seed) | verdict |",
+                          "|---|---|---|---|---|", *claims]
         lines.append("")
     return lines
 
 
-BEGIN, END = "<!-- two-architectures:begin (python -m bench.runs table) -->", "<!-- two-architectures:end -->"
+def markers(block: str) -> tuple[str, str]:
+    """The begin/end lines of a generated block named `block` in a doc."""
+    return f"<!-- {block}:begin (python -m bench.runs table) -->", f"<!-- {block}:end -->"
 
 
-def write_table(data: dict[str, Any], doc: Path) -> None:
-    """Replace the lines between the BEGIN and END markers of `doc` with `table(data)`."""
-    fill_block(doc, BEGIN, END, table(data))
+def write_table(data: dict[str, Any], doc: Path, block: str = "two-architectures") -> None:
+    """Replace the lines between the block's markers in `doc` with `table(data)`."""
+    fill_block(doc, *markers(block), table(data))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     render = modes.add_parser("table", help="print a result file's tables, or write them into --doc")
     render.add_argument("result", type=Path)
     render.add_argument("--doc", type=Path, default=None)
+    render.add_argument("--block", default="two-architectures", help="the name in the doc's <!-- NAME:begin ... --> "
+                                                                       "and <!-- NAME:end --> markers")
     args = parser.parse_args(argv)
     if args.mode == "worker":
         worker(args.recipe, args.overrides, Path(args.out))
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         if data is None:
             parser.error(f"{args.result}: no such result file")
         if args.doc:
-            write_table(data, args.doc)
+            write_table(data, args.doc, args.block)
         else:
             print("\n".join(table(data)))
 
