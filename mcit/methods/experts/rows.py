@@ -180,9 +180,10 @@ class SampleRouting:
 
 
 def _cache_arg(kwargs) -> Any:
-    """The KV cache of a model call or output: `past_key_values`, named `cache` since transformers 5.24."""
-    cache = kwargs.get("past_key_values")
-    return cache if cache is not None else kwargs.get("cache")
+    """The KV cache of a model call or output: `past_key_values`, named `cache` since transformers 5.24 (read first:
+    reading an output's deprecated `past_key_values` prints a warning on every call)."""
+    cache = kwargs.get("cache") if "cache" in kwargs else None
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _tag(cache, weights: torch.Tensor) -> None:
