@@ -151,10 +151,9 @@ def run_method(workdir: Path, size: str, method: str, seed: int, threads: int, l
         extra = [*extra, f"model.name_or_path={model}"]
     overrides = [*extra, *SIZES[size]["overrides"], f"seed={seed}", f"output_dir={folder}"]
     if not is_finished(folder):
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)  # a half-finished run of an earlier invocation: start clean (timings stay honest)
+        if folder.exists():  # a half-finished run of an earlier invocation: start clean (timings stay honest), but
+            # keep it aside rather than delete it: a run whose probe was lost (its parent killed) still holds results
+            folder.rename(folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
         folder.parent.mkdir(parents=True, exist_ok=True)
         run_child("bench.runs", ["worker", str(recipe), *overrides], folder / "probe.json", threads, log=log,
                   timeout=6 * 3600)
