@@ -181,7 +181,8 @@ def run_mcit(args) -> dict[str, Any]:
               for s in range(plan.steps)]
     stats = trainer.run()
     result = {"side": "mcit", "autocast": args.autocast, "dropout": args.dropout, "steps": plan.steps,
-              "batch": args.batch, "width": args.width, "device": str(next(trainer.model.parameters()).device),
+              "batch": args.batch, "width": getattr(args, "width", None),
+              "device": str(next(trainer.model.parameters()).device),
               "final_loss": stats["final_loss"], "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
               **_steady(stamps, sizes, tokens, args.warmup)}
     if args.breakdown:
@@ -197,7 +198,7 @@ def run_mcit(args) -> dict[str, Any]:
 
 def _base(args) -> Path | None:
     """The random-init wide base of `--width` (built once next to the output), or None for the shipped base."""
-    if not args.width:
+    if not getattr(args, "width", None):
         return None
     from bench.router_speed import wide_base
 
@@ -288,7 +289,8 @@ def run_trainer(args) -> dict[str, Any]:
     sizes, tokens = [s[0] for s in seen[:len(stamps)]], [s[1] for s in seen[:len(stamps)]]
     padded = [s[2] for s in seen[:len(stamps)]]
     return {"side": args.side, "autocast": "bf16" if tuned else None, "dropout": args.dropout, "steps": len(stamps),
-            "batch": args.batch, "width": args.width, "device": str(next(model.parameters()).device),
+            "batch": args.batch, "width": getattr(args, "width", None),
+            "device": str(next(model.parameters()).device),
             "final_loss": out.training_loss, "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
             **_steady(stamps, sizes, tokens, args.warmup)}
 
