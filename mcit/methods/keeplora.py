@@ -69,11 +69,9 @@ MCITlib's KeepLoRA scripts differ from the paper and the official code in ways t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -86,7 +84,7 @@ from mcit.methods.lora_ft import ADAPTER, SequentialLoRA
 from mcit.runtime import dist
 from mcit.runtime.placement import module_device, to_device
 from mcit.runtime.precision import autocast, eval_mode
-from mcit.runtime.zero import is_sharded
+from mcit.runtime.zero import is_sharded, zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -287,19 +285,6 @@ def _broadcast_rows(value: torch.Tensor | None, owner: int, width: int) -> torch
     return buffer.cpu()
 
 
-def _zero_stage(setting: str | None) -> int:
-    """The ZeRO stage a recipe's `train.deepspeed` names: a shipped template name or a JSON file."""
-    if not setting:
-        return 0
-    path = Path(setting)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            return int(json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0))
-        except (ValueError, TypeError, AttributeError, OSError):
-            return 0
-    return 3 if path.stem.startswith("zero3") else 0
-
-
 ZERO3_CONFLICT = ("train.deepspeed: keeplora needs every adapted weight whole on each rank for its gradient SVDs and "
                   "merges between tasks, which ZeRO-3 shards; use train.deepspeed=zero2")
 
@@ -319,7 +304,7 @@ class KeepLoRA(SequentialLoRA):
                 raise RecipeError(f"method.{key}: expected a share in (0, 1], got {getattr(options, key)}")
         if options.grad_batch_size < 1 or options.layers_per_pass < 0:
             raise RecipeError("method.grad_batch_size must be >= 1 and method.layers_per_pass >= 0 (0: all layers)")
-        if _zero_stage(recipe.train.deepspeed) >= 3:
+        if zero_stage(recipe.train.deepspeed) >= 3:
             raise RecipeError(ZERO3_CONFLICT)
         if recipe.model.full_finetune:
             raise RecipeError("model.full_finetune: keeplora trains a LoRA (B only); set model.full_finetune: false")

@@ -57,7 +57,7 @@ from mcit.runtime.files import write_json_atomic
 from mcit.runtime.placement import module_device, to_device
 from mcit.runtime.precision import autocast, eval_mode
 from mcit.runtime.seeding import seed_everything
-from mcit.runtime.zero import full_shape
+from mcit.runtime.zero import full_shape, zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class MRLoRA(ExpertMethod):
         if shared:
             raise RecipeError(f"model.{shared[0]} is true, but mr_lora keeps every expert isolated and a shared trained "
                               f"module would change earlier experts; set model.{shared[0]}: false")
-        if (recipe.train.deepspeed or "").startswith("zero3"):
+        if zero_stage(recipe.train.deepspeed) >= 3:
             raise RecipeError(f"train.deepspeed is {recipe.train.deepspeed}, but mr_lora trains its router in its own "
                               "loop on full (unsharded) parameters; use train.deepspeed: zero2")
         super().__init__(recipe, options)

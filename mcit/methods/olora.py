@@ -32,6 +32,7 @@ import torch
 from mcit.errors import RecipeError
 from mcit.methods.base import Method, register
 from mcit.methods.lora import add_lora, set_lora_trainable
+from mcit.runtime.zero import zero_stage
 
 
 def adapter_name(task: int) -> str:
@@ -60,7 +61,7 @@ class OLoRA(Method):
         super().__init__(recipe, options)
         if options.lambda_orth < 0 or options.lambda_l2 < 0:
             raise RecipeError("method.lambda_orth and method.lambda_l2 must be >= 0")
-        if recipe.train.deepspeed and "zero3" in str(recipe.train.deepspeed):
+        if zero_stage(recipe.train.deepspeed) >= 3:
             raise RecipeError("train.deepspeed: olora reads its A matrices outside the forward pass, which ZeRO-3 "
                               "shards; use zero2 (LoRA weights are small enough to stay whole)")
         self._stage = -1

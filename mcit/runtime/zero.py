@@ -8,7 +8,10 @@ task's adapter, merging LoRA into base weights); without DeepSpeed they are plai
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from importlib.resources import files
+from pathlib import Path
 
 import torch
 
@@ -18,6 +21,22 @@ from mcit.errors import CheckpointError
 _GATHER_CHUNK_NUMEL = 1 << 26
 
 ParamFilter = Callable[[str, torch.nn.Parameter], bool]
+
+
+def zero_stage(setting: str | None) -> int:
+    """The ZeRO stage a recipe's `train.deepspeed` names: a shipped template (zero2 | zero3 | zero3_offload) or a
+    DeepSpeed JSON file, read for its `zero_optimization.stage`. 0 when unset, or when the file is missing or unreadable
+    (the launcher reports those itself). Methods that need whole weights between steps refuse stage 3 with it, so a
+    user's own stage-3 JSON is refused like the `zero3` template."""
+    if not setting:
+        return 0
+    template = files("mcit") / "assets" / "launch" / f"{setting}.json"
+    path = Path(str(template)) if "/" not in setting and template.is_file() else Path(setting).expanduser()
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        return int(config.get("zero_optimization", {}).get("stage", 0))
+    except (ValueError, TypeError, AttributeError, OSError):
+        return 0
 
 def is_sharded(param: torch.Tensor) -> bool:
     """True for a parameter ZeRO-3 has partitioned (its `.data` is then a placeholder)."""

@@ -50,3 +50,22 @@ def test_compute_device_follows_local_rank_and_ds_accelerator(monkeypatch):
         placement.compute_device()
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # a CPU run on a GPU host
     assert placement.compute_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize("method", ["keeplora", "mr_lora", "olora"])
+def test_methods_needing_whole_weights_refuse_every_stage3_setting(method, tmp_path):
+    """The shipped stage-3 templates and a user's own stage-3 JSON are refused alike; stage 2 in either form is not."""
+    import json
+
+    def build(deepspeed):
+        return build_method(recipe_from_dict({"output_dir": "unused", "method": {"name": method},
+                                              "train": {"deepspeed": deepspeed}}))
+
+    own3, own2 = tmp_path / "cluster3.json", tmp_path / "cluster2.json"
+    own3.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}}))
+    own2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    for setting in ("zero3", "zero3_offload", str(own3)):
+        with pytest.raises(RecipeError, match=r"^train.deepspeed.*zero2"):
+            build(setting)
+    for setting in ("zero2", str(own2), None):
+        assert build(setting).recipe.train.deepspeed == setting
