@@ -11,8 +11,10 @@ from the quality runs' seed 0 or run at `small` size), quality (every method x s
 40,000 distinct 336-px images through the bounded image cache, against the unbounded one), ranking (peak memory of
 likelihood ranking against the number of candidates, chunked against all at once), memory_estimate (estimated GPU
 memory and wall time of the UCIT recipes on LLaVA-1.5-7B, also written to bench/results/ and docs/DISTRIBUTED.md).
-Each part stores its numbers in `<workdir>/<part>.json`; finished quality runs are reused, so an interrupted
-`quality` resumes where it stopped.
+Each part stores its numbers in `<results>/<part>.json` (default bench/results/, committed: `python -m bench report`
+rewrites docs/BENCHMARKS.md from them byte for byte); run folders, child outputs and logs go to `<workdir>` (default
+runs/bench/, git-ignored). Finished quality runs are reused, so an interrupted `quality` resumes where it stopped.
+`--smoke` writes its results under `<workdir>/smoke` unless `--results` is given, so it never replaces measured ones.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bench import runs
 from bench.common import (
     DEFAULT_WORKDIR,
     REPO,
+    RESULTS,
     TIMED_THREADS,
     machine,
     other_load,
@@ -44,19 +47,25 @@ def _say(text: str) -> None:
 
 
 def part_train(cfg) -> dict[str, Any]:
-    """A B C A B C ...: mcit, Trainer defaults, Trainer tuned, alternating in one session; with the recipes' LoRA
-    dropout, then without it."""
-    sides = ["mcit", "trainer", "trainer-tuned"]
+    """A B C D A B C D ...: mcit, mcit with packed dropout masks, Trainer defaults, Trainer tuned, alternating in one
+    session; with the recipes' LoRA dropout, then without it."""
     rounds = []
     for dropout in ("0.05", "0"):  # the recipes' LoRA dropout (headline), then the diagnostic pair without masks
+        # mcit with packed dropout masks (method.lora.dropout_masks) beside the default ones; no masks at dropout 0
+        sides = [("mcit", "bernoulli"), ("mcit", "packed"), ("trainer", None), ("trainer-tuned", None)]
+        if dropout == "0":
+            sides = [s for s in sides if s[1] != "packed"]
         for r in range(cfg.rounds):
-            for side in sides:
-                _say(f"train: dropout {dropout}, round {r + 1}/{cfg.rounds}, {side}")
+            for side, masks in sides:
+                label = side + (f" ({masks} masks)" if masks == "packed" else "")
+                _say(f"train: dropout {dropout}, round {r + 1}/{cfg.rounds}, {label}")
                 args = [side, "--task", cfg.train_task, "--steps", str(cfg.train_steps), "--batch", str(cfg.batch),
                         "--warmup", str(cfg.warmup), "--threads", str(cfg.threads), "--dropout", dropout]
+                if masks:
+                    args += ["--dropout-masks", masks]
                 if side == "mcit" and r == cfg.rounds - 1:
                     args.append("--breakdown")  # after the timed steps: does not touch the timing
-                out = cfg.workdir / "children" / f"train-{side}-d{dropout}-{r}.json"
+                out = cfg.workdir / "children" / f"train-{side}{'-packed' if masks == 'packed' else ''}-d{dropout}-{r}.json"
                 rounds.append({"round": r, **run_child("bench.train_speed", args, out, cfg.threads, log=cfg.log)})
     return {"task": cfg.train_task, "steps": cfg.train_steps, "batch": cfg.batch, "warmup": cfg.warmup,
             "runs": rounds}
@@ -176,7 +185,7 @@ def part_quality(cfg, size: str, methods: list[str], seeds: list[int], name: str
         with lock:
             records.append(record)
             if name:
-                write_json(cfg.workdir / f"{name}.json", partial())
+                write_json(cfg.results / f"{name}.json", partial())
 
     first, rest = [s for s in seeds if s == 0], [s for s in seeds if s != 0]
     for seed in first:
@@ -204,7 +213,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="size of the quality runs (small fits the 30-minute budget; full = the recipes as is)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's seeds, 0,1,2)")
     parser.add_argument("--methods", default=",".join(runs.METHODS))
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help="run folders, child outputs and logs (git-ignored)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="where the part results go and the report reads them (default bench/results/; "
+                             "<workdir>/smoke with --smoke)")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     parser.add_argument("--threads", type=int, default=TIMED_THREADS)
     parser.add_argument("--jobs", type=int, default=2,
@@ -229,18 +242,21 @@ def main(argv: list[str] | None = None) -> None:
             cfg.quality = "tiny"
     for key, value in sizes.items():
         setattr(cfg, key, value)
+    if cfg.results is None:
+        cfg.results = cfg.workdir / "smoke" if cfg.smoke else RESULTS
     cfg.workdir.mkdir(parents=True, exist_ok=True)
+    cfg.results.mkdir(parents=True, exist_ok=True)
     cfg.log = cfg.workdir / "children.log"
     methods = cfg.methods.split(",")
     seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else runs.SIZES.get(cfg.quality, {}).get("seeds")
 
-    meta = read_json(cfg.workdir / "meta.json") or {}
+    meta = read_json(cfg.results / "meta.json") or {}
     if parts:  # `report` alone keeps the machine record of the measured run
         _say("building SynthCIT if needed (untimed)")
         synthcit_samples("shape", "train", 1)
         meta["machine"] = machine()
         meta["smoke"] = cfg.smoke
-        write_json(cfg.workdir / "meta.json", meta)
+        write_json(cfg.results / "meta.json", meta)
     for part in parts:
         if part == "quality" and cfg.quality == "skip":
             continue
@@ -262,11 +278,12 @@ def main(argv: list[str] | None = None) -> None:
                      "mcit_commit": meta["machine"]["mcit_commit"],
                      "threads": cfg.threads, "base_sha256": meta["machine"]["base_sha256"],
                      "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-        write_json(cfg.workdir / f"{name}.json", data)
+        if part != "memory_estimate":  # that part writes bench/results/memory_estimate.json itself
+            write_json(cfg.results / f"{name}.json", data)
         _say(f"{part}: done in {data['seconds']} s")
     from bench.report import write_report
 
-    path = write_report(cfg.workdir, cfg.doc)
+    path = write_report(cfg.results, cfg.doc)
     _say(f"wrote {path}")
 
 

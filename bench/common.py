@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_WORKDIR = REPO / "runs" / "bench"
+DEFAULT_WORKDIR = REPO / "runs" / "bench"  # run folders, child outputs and logs (git-ignored)
+RESULTS = REPO / "bench" / "results"  # the part results the docs are written from (committed)
 TIMED_THREADS = 2
 """Threads for the timed runs: the machine's two cores."""
 
@@ -94,20 +95,24 @@ def machine() -> dict[str, Any]:
 
 
 def other_load() -> dict[str, Any]:
-    """Load average and the other processes using CPU right now (anything here distorts a timing)."""
-    busy = []
+    """Load average and the other processes using CPU right now (anything here distorts a timing). A stopped process
+    (SIGSTOP, ps state T: e.g. a long run paused while the timed parts measure) uses no CPU; it is counted apart,
+    since ps's %CPU is a lifetime average and would list it as busy."""
+    busy, stopped = [], []
     try:
-        out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True,
-                             timeout=10).stdout.splitlines()[1:]
+        out = subprocess.run(["ps", "-eo", "pid,ppid,stat,pcpu,args", "--sort=-pcpu"], capture_output=True,
+                             text=True, timeout=10).stdout.splitlines()[1:]
         mine = {os.getpid(), os.getppid()}
         for line in out:
-            pid, ppid, pcpu, args = line.split(None, 3)
+            pid, ppid, stat, pcpu, args = line.split(None, 4)
             if int(pid) in mine or int(ppid) == os.getpid() or float(pcpu) < 5.0:
                 continue
-            busy.append({"pid": int(pid), "cpu_percent": float(pcpu), "command": args[:120]})
+            (stopped if stat.startswith("T") else busy).append(
+                {"pid": int(pid), "cpu_percent": float(pcpu), "command": args[:120]})
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
     return {"loadavg": [round(x, 2) for x in os.getloadavg()], "busy_processes": busy[:8],
+            "stopped_processes": len(stopped),
             "pretraining_running": any("pretrain-tiny" in p["command"] for p in busy)}
 
 

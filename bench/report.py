@@ -1,5 +1,7 @@
-"""docs/BENCHMARKS.md from the stored part results (`<workdir>/*.json`) and the hand-written findings
-(`bench/FINDINGS.md`, included as is). Every number in the document comes from those JSON files."""
+"""docs/BENCHMARKS.md from the committed part results (`bench/results/*.json`) and the hand-written findings
+(`bench/FINDINGS.md`, included as is). Every number in the tables comes from those JSON files, and nothing in the
+document depends on the clock or the machine that writes it: `python -m bench report` in a fresh clone rewrites
+docs/BENCHMARKS.md byte for byte (tests/bench/test_report_regenerates.py)."""
 
 from __future__ import annotations
 
@@ -87,8 +89,13 @@ def _load_line(data: dict) -> str:
     text = (f"load average {before.get('loadavg', ['?'])[0]} before, {after.get('loadavg', ['?'])[0]} after; "
             f"finished {data.get('finished_utc', '?')}; mcit {data.get('mcit_commit', '?')}; "
             f"{data.get('threads', '?')} threads")
-    return text + (f"; other processes using CPU: {', '.join(sorted(busy))}" if busy else
-                   "; no other process used CPU")
+    paused = max(d.get("stopped_processes", 0) for d in (before, after))
+    text += f"; other processes using CPU: {', '.join(sorted(busy))}" if busy else "; no other process used CPU"
+    return text + (f" ({paused} other processes stopped with SIGSTOP for the part's duration)" if paused else "")
+
+
+def _missing(title: str, part: str) -> list[str]:
+    return [title, "", f"No result file (`bench/results/{part}.json`): `python -m bench {part}` measures it.", ""]
 
 
 # --- sections -------------------------------------------------------------------------------------------------------
@@ -115,12 +122,13 @@ def _train_side(run: dict) -> str:
     from bench.train_speed import LORA
 
     dropout = run.get("dropout", LORA["dropout"])
-    return run["side"] if dropout == LORA["dropout"] else f"{run['side']}, dropout {dropout:g}"
+    side = run["side"] + (", packed masks" if run.get("dropout_masks") == "packed" else "")
+    return side if dropout == LORA["dropout"] else f"{side}, dropout {dropout:g}"
 
 
 def section_train(data: dict | None) -> list[str]:
     if not data:
-        return ["## 1. Training throughput", "", "Not run.", ""]
+        return _missing("## 1. Training throughput", "train")
     by_side: dict[str, list[dict]] = {}
     for run in data["runs"]:
         by_side.setdefault(_train_side(run), []).append(run)
@@ -131,7 +139,8 @@ def section_train(data: dict | None) -> list[str]:
              f"model's seven projections; the first {data['warmup']} steps are dropped; the sides ran alternately "
              f"({len(data['runs'])} runs, {rounds} rounds per setting). Median over rounds (all rounds in brackets). "
              "Rows marked *dropout 0* are a diagnostic pair: both sides without LoRA dropout, whose masks cost both "
-             "the same.", "",
+             "the same. *packed masks*: mcit with `method.lora.dropout_masks: packed` (the same Bernoulli dropout "
+             "from a quarter of the generator draws; the Trainer sides keep PEFT's `nn.Dropout`).", "",
              "| side | compute | samples/s | samples per CPU-second | tokens/s | s/step | padding | final loss |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     med: dict[str, float] = {}
@@ -149,8 +158,7 @@ def section_train(data: dict | None) -> list[str]:
                      f" | {statistics.median(r['seconds_per_step'] for r in items):.3f} | "
                      f"{100 * items[0]['padding_fraction']:.1f} % | {items[-1]['final_loss']:.3f} |")
     lines.append("")
-    for suffix in ("", ", dropout 0"):
-        mine = "mcit" + suffix
+    for mine, suffix in (("mcit", ""), ("mcit, packed masks", ""), ("mcit, dropout 0", ", dropout 0")):
         if mine not in med:
             continue
         for other in ("trainer" + suffix, "trainer-tuned" + suffix):
@@ -182,7 +190,7 @@ def section_train(data: dict | None) -> list[str]:
 
 def section_mfu(data: dict | None) -> list[str]:
     if not data:
-        return ["## 2. MFU", "", "Not run.", ""]
+        return _missing("## 2. MFU", "mfu")
     peak = data["peak"]
     lines = ["## 2. MFU (achieved FLOP/s of a training step / measured matmul peak)", "",
              "Peak: best of square `torch.mm` in each dtype (sizes: "
@@ -209,7 +217,7 @@ def section_mfu(data: dict | None) -> list[str]:
 
 def section_eval(data: dict | None) -> list[str]:
     if not data:
-        return ["## 3. Evaluation", "", "Not run.", ""]
+        return _missing("## 3. Evaluation", "eval")
     return [
         "## 3. Evaluation: batched generation against one-at-a-time `generate`", "",
         f"{data['samples']} test samples ({', '.join(data['tasks'])}), a LoRA trained {data['adapter_train_steps']} "
@@ -232,7 +240,7 @@ def section_eval(data: dict | None) -> list[str]:
 
 def section_router(data: dict | None) -> list[str]:
     if not data:
-        return ["## 4. Router overhead", "", "Not run.", ""]
+        return _missing("## 4. Router overhead", "router")
     runs = data["runs"]
     first = runs[0]
     widths = list(dict.fromkeys(r.get("width") for r in runs))
@@ -278,7 +286,7 @@ def section_router(data: dict | None) -> list[str]:
 
 def section_memory(data: dict | None) -> list[str]:
     if not data:
-        return ["## 5. Memory and storage per task", "", "Not run.", ""]
+        return _missing("## 5. Memory and storage per task", "memory")
     lines = ["## 5. Memory and storage per task", "",
              f"Seed-0 runs at size `{data['size']}` ({', '.join(data['overrides']) or 'recipes unchanged'}). Trainable "
              "parameters and optimizer state (AdamW moments) are those of the last stage; peak RSS is the highest "
@@ -312,7 +320,7 @@ def section_memory(data: dict | None) -> list[str]:
 
 def section_image_cache(data: dict | None) -> list[str]:
     if not data:
-        return ["## 7. Image cache", "", "Not run.", ""]
+        return _missing("## 7. Image cache", "image_cache")
     bounded, unbounded, ext = data["bounded"], data["unbounded"], data["extrapolation"]
     image_mib = bounded["image_bytes"] / 2**20
     lines = ["## 7. Image cache: host memory of a pass over distinct 336-px images", "",
@@ -359,7 +367,7 @@ def section_image_cache(data: dict | None) -> list[str]:
 
 def section_ranking(data: dict | None) -> list[str]:
     if not data:
-        return ["## 8. Likelihood ranking", "", "Not run.", ""]
+        return _missing("## 8. Likelihood ranking", "ranking")
     runs = data["runs"]
     first = runs[0]
     lines = ["## 8. Likelihood ranking: peak memory against the number of candidates", "",
@@ -429,7 +437,8 @@ def _train_settings(data: dict) -> str:
 
 def section_quality(data: dict | None) -> list[str]:
     if not data:
-        return ["## 6. Quality", "", "Not run.", ""]
+        return ["## 6. Quality", "", "No result file (`bench/results/quality-<size>.json`): `python -m bench quality` "
+                "measures it.", ""]
     by_method: dict[str, list[dict]] = {}
     failed = [r for r in data["runs"] if r.get("error")]
     for run in data["runs"]:
@@ -475,15 +484,15 @@ def section_quality(data: dict | None) -> list[str]:
     return lines
 
 
-def write_report(workdir: Path, doc: Path) -> Path:
-    meta = read_json(workdir / "meta.json") or {}
-    part = {name: read_json(workdir / f"{name}.json")
+def write_report(results: Path, doc: Path) -> Path:
+    meta = read_json(results / "meta.json") or {}
+    part = {name: read_json(results / f"{name}.json")
             for name in ("train", "mfu", "eval", "router", "memory", "image_cache", "ranking")}
-    qualities = {size: read_json(workdir / f"quality-{size}.json") for size in ("full", "small", "tiny")}
+    qualities = {size: read_json(results / f"quality-{size}.json") for size in ("full", "small", "tiny")}
     try:
-        where = workdir.resolve().relative_to(REPO)
+        where = results.resolve().relative_to(REPO)
     except ValueError:
-        where = workdir
+        where = results
     lines = ["# Benchmarks", "",
              "Speed against the obvious alternatives on the same machine, router overhead, memory and storage per "
              "task, and the methods' quality on SynthCIT. Written by `python -m bench` from the numbers in "
@@ -492,17 +501,17 @@ def write_report(workdir: Path, doc: Path) -> Path:
         lines += ["**Smoke run (minimal sizes): these numbers check the plumbing and mean nothing.**", ""]
     lines += ["## Reproduce", "", "```bash",
               "bash scripts/setup.sh && source .venv/bin/activate",
-              "python -m bench                              # all parts, quality `small`: 39 min measured on 2 free cores",
+              "python -m bench report                       # rewrite this file from the committed results",
+              "python -m bench                              # measure all parts again, quality `small`: 39 min on 2 free cores",
+              "python -m bench train mfu eval router        # sections 1-4 alone",
               "python -m bench quality --quality full       # the quality table at full size (9 methods x 3 seeds)",
               "python -m bench image_cache                  # section 7 alone (40,000 images through the image cache)",
-              "python -m bench report                       # rewrite this file from the stored results",
               "python -m bench.memory_estimate              # the 7B memory/time estimates of docs/DISTRIBUTED.md",
-              "bash bench/run.sh                            # the same as `python -m bench`", "```", "",
-              "The results of sections 7 (image cache) and 8 (ranking) and of the 7B estimates are committed in "
-              "`bench/results/` (copies of `runs/bench/image_cache.json` and `ranking.json` from the runs that wrote "
-              "those sections; `memory_estimate.json` is written there directly); `python -m bench image_cache "
-              "--workdir bench/results` (or `ranking`) measures again into that folder. The result files of the "
-              "other sections were not committed.", ""]
+              "```", "",
+              "Each part writes its numbers to `bench/results/<part>.json`, which are committed (run folders, child "
+              "outputs and logs stay in the git-ignored `runs/bench/`); this file is rewritten from them alone, so "
+              "`python -m bench report` in a fresh clone reproduces it byte for byte (a test checks that). A section "
+              "whose result file is missing says so instead of showing numbers.", ""]
     if FINDINGS.is_file():
         lines += [FINDINGS.read_text(encoding="utf-8").strip(), ""]
     lines += section_machine(meta)

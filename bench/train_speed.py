@@ -15,6 +15,9 @@ dropped, so the numbers are steady-state steps.
 
 Tokens/s counts real tokens (image placeholders included, padding excluded) of the timed steps.
 
+`--dropout-masks packed` runs the mcit side with `method.lora.dropout_masks: packed` (the same Bernoulli dropout from
+a quarter of the generator draws; the Trainer side keeps PEFT's `nn.Dropout`).
+
 `--dropout 0` runs either side without LoRA dropout: a diagnostic pair, not the headline. The dropout masks cost both
 sides the same (the CPU's random-number generator is serial), so without them the ratio shows what the training loop
 itself saves.
@@ -65,18 +68,19 @@ def _steady(stamps: list[tuple[float, float]], sizes: list[int], tokens: list[in
 # --- mcit ----------------------------------------------------------------------------------------------------------
 
 def mcit_recipe(task: str, steps: int, batch: int, autocast: str | None, workdir: Path,
-                dropout: float = LORA["dropout"], base: Path | None = None):
+                dropout: float = LORA["dropout"], base: Path | None = None, dropout_masks: str = "bernoulli"):
     from mcit.config import load_recipe
 
     overrides = [*([f"model.name_or_path={base}"] if base else []), f"output_dir={workdir}", f"benchmark.tasks=[{task}]", f"train.max_steps={steps}",
                  f"train.batch_size={batch}", "train.save_steps=0", "train.log_steps=1", "train.lr=1e-3",
                  f"method.lora.r={LORA['r']}", f"method.lora.alpha={LORA['alpha']}",
-                 f"method.lora.dropout={dropout}", f"model.autocast={autocast or 'null'}"]
+                 f"method.lora.dropout={dropout}", f"method.lora.dropout_masks={dropout_masks}",
+                 f"model.autocast={autocast or 'null'}"]
     return load_recipe(Path(__file__).resolve().parents[1] / RECIPE, overrides)
 
 
 def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdir: Path, method_name: str = "lora_ft",
-                 dropout: float = LORA["dropout"], base: Path | None = None):
+                 dropout: float = LORA["dropout"], base: Path | None = None, dropout_masks: str = "bernoulli"):
     """A model with the method's adapter, the encoded samples and a StageTrainer ready to run (untimed)."""
     from mcit.data.collate import Encoder, PixelCache
     from mcit.methods.base import TaskData, build_method
@@ -84,7 +88,7 @@ def prepare_mcit(task: str, steps: int, batch: int, autocast: str | None, workdi
     from mcit.workflows.load import attach_method, build_model
 
     tasks = task.split(",")
-    recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir, dropout, base)
+    recipe = mcit_recipe(tasks[0], steps, batch, autocast, workdir, dropout, base, dropout_masks)
     recipe.method.name = method_name
     per_task = -(-steps * batch // len(tasks))
     samples = [s for name in tasks for s in synthcit_samples(name, "train", per_task)][:steps * batch]
@@ -173,14 +177,16 @@ def step_breakdown(trainer, steps: list[int]) -> dict[str, Any]:
 def run_mcit(args) -> dict[str, Any]:
     workdir = Path(args.out).with_suffix("")
     trainer, stamps, encoded, _ = prepare_mcit(args.task, args.steps, args.batch, args.autocast, workdir,
-                                               dropout=args.dropout, base=_base(args))
+                                               dropout=args.dropout, base=_base(args),
+                                               dropout_masks=getattr(args, "dropout_masks", "bernoulli"))
     plan = trainer.plan
     sizes = [len(plan.micro_batches[s]) for s in range(plan.steps)]
     tokens = [sum(len(encoded[i]) for i in plan.micro_batches[s]) for s in range(plan.steps)]
     padded = [len(plan.micro_batches[s]) * max(len(encoded[i]) for i in plan.micro_batches[s])
               for s in range(plan.steps)]
     stats = trainer.run()
-    result = {"side": "mcit", "autocast": args.autocast, "dropout": args.dropout, "steps": plan.steps,
+    result = {"side": "mcit", "autocast": args.autocast, "dropout": args.dropout,
+              "dropout_masks": getattr(args, "dropout_masks", "bernoulli"), "steps": plan.steps,
               "batch": args.batch, "width": getattr(args, "width", None),
               "device": str(next(trainer.model.parameters()).device),
               "final_loss": stats["final_loss"], "padding_fraction": round(1 - sum(tokens) / sum(padded), 4),
@@ -338,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--autocast", default="bf16", type=lambda s: None if s in ("none", "null") else s)
     parser.add_argument("--dropout", type=float, default=LORA["dropout"],
                         help="LoRA dropout of both sides (0 = the diagnostic pair without dropout masks)")
+    parser.add_argument("--dropout-masks", default="bernoulli", choices=["bernoulli", "packed"],
+                        help="mcit side: the recipe's method.lora.dropout_masks (the Trainer side always uses PEFT's "
+                             "nn.Dropout)")
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--sizes", default="1024,2048,4096")

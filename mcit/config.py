@@ -64,6 +64,11 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     """Linear layer names inside the language model only (the vision tower and projector are never wrapped)."""
+    dropout_masks: str = "bernoulli"
+    """How LoRA dropout draws its masks: `bernoulli` (PEFT's `nn.Dropout`, one generator draw per element) or `packed`
+    (the same inverted dropout, 16 random bits per element taken from 64-bit draws: a quarter of the draws, p rounded
+    to a multiple of 1/65536; 2.2x cheaper fwd+bwd on a CPU, docs/BENCHMARKS.md). Both are Bernoulli masks; the
+    random streams differ, so a seeded run's numbers change with the setting."""
 
 
 @dataclass
@@ -279,6 +284,9 @@ def _check_values(recipe: Recipe, where: str) -> None:
         ("train.max_length", recipe.train.max_length is None or recipe.train.max_length >= 16,
          "an integer >= 16, or null for the model's image tokens + 512"),
         ("method.lora.r", recipe.method.lora.r >= 1, "a positive integer"),
+        ("method.lora.dropout", 0 <= recipe.method.lora.dropout < 1, "a number in [0, 1)"),
+        ("method.lora.dropout_masks", recipe.method.lora.dropout_masks in ("bernoulli", "packed"),
+         f"bernoulli or packed, got {recipe.method.lora.dropout_masks!r}"),
         ("benchmark.asd.fraction", 0 <= recipe.benchmark.asd.fraction <= 1, "a number in [0, 1]"),
         ("benchmark.asd.rewriter", rewriter_ok, "meta, template or the path of a local causal-LM folder (e.g. "
          f"./my-llm), got {rewriter!r}{suggest(rewriter, ASDConfig.KEYWORDS)}"),

@@ -110,6 +110,9 @@ def test_report_renders_stored_parts(tmp_path):
     train["runs"] += [{"round": 0, "side": side, "autocast": None, "dropout": 0.0, "samples_per_s": sps,
                        "tokens_per_s": 10.0 * sps, "seconds_per_step": 1 / sps, "padding_fraction": 0.1,
                        "final_loss": 1.0} for side, sps in (("mcit", 40.0), ("trainer", 20.0))]
+    train["runs"].append({"round": 0, "side": "mcit", "dropout_masks": "packed", "autocast": None, "samples_per_s": 45.0,
+                          "tokens_per_s": 450.0, "seconds_per_step": 1 / 45, "padding_fraction": 0.1,
+                          "final_loss": 1.0})
     (tmp_path / "train.json").write_text(json.dumps(train))
     router = {"runs": [{"variant": v, "experts": t, "width": w, "samples": 4, "new_tokens": 2, "batch": 100,
                         "seconds": sec, "cpu_seconds": sec, "routing_seconds": 0.0, "groups": 1,
@@ -121,12 +124,14 @@ def test_report_renders_stored_parts(tmp_path):
     text = doc.read_text()
     assert "mcit / trainer: **3.00×**" in text and "(goal ≥ 1.5×: met)" in text
     assert "mcit / trainer-tuned: **1.20×**" in text and "not met" in text
+    assert "| mcit, packed masks | fp32 | 45.0 [45.0]" in text
+    assert "mcit, packed masks / trainer-tuned: **1.80×** samples/s (goal ≥ 1.5×: met)" in text
     assert "mcit, dropout 0 / trainer, dropout 0: **2.00×** samples/s (diagnostic)" in text
     # each width against the merged model of its own width
     assert "Width 256: worst routed / merged ratio **2.00×** (goal ≤ 1.1×: not met)" in text
     assert "Width 1024: worst routed / merged ratio **1.05×** (goal ≤ 1.1×: met)" in text
     assert "| 1024 | disco | 6 | 1050.00 | 0.000 | 1.05 |" in text and "| 1.050 |" in text
-    assert "## 6. Quality" in text and "Not run." in text
+    assert "## 6. Quality" in text and "No result file (`bench/results/quality-<size>.json`)" in text
 
 
 def test_image_cache_stays_in_its_budget_and_renders(tmp_path):
