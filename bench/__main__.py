@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         _say(f"{part}: done in {data['seconds']} s")
     from bench.report import write_report
 
-    path = write_report(cfg.results, cfg.doc)
+    # the README's block is written from the committed results only (not from a smoke run or another folder)
+    readme = REPO / "README.md" if cfg.results.resolve() == RESULTS.resolve() else None
+    path = write_report(cfg.results, cfg.doc, readme=readme)
     _say(f"wrote {path}")
 
 

@@ -6,10 +6,11 @@ docs/BENCHMARKS.md byte for byte (tests/bench/test_report_regenerates.py)."""
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, read_json
+from bench.common import REPO, fill_block, read_json
 
 FINDINGS = Path(__file__).resolve().parent / "FINDINGS.md"
 
@@ -126,12 +127,42 @@ def _train_side(run: dict) -> str:
     return side if dropout == LORA["dropout"] else f"{side}, dropout {dropout:g}"
 
 
-def section_train(data: dict | None) -> list[str]:
-    if not data:
-        return _missing("## 1. Training throughput", "train")
+def _by_side(data: dict) -> dict[str, list[dict]]:
     by_side: dict[str, list[dict]] = {}
     for run in data["runs"]:
         by_side.setdefault(_train_side(run), []).append(run)
+    return by_side
+
+
+def _train_medians(by_side: dict[str, list[dict]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Median samples/s and samples per CPU-second of each side over its rounds."""
+    med = {side: statistics.median(r["samples_per_s"] for r in items) for side, items in by_side.items()}
+    med_cpu = {side: statistics.median(cps) for side, items in by_side.items()
+               if (cps := [r["samples_per_cpu_s"] for r in items if r.get("samples_per_cpu_s")])}
+    return med, med_cpu
+
+
+def _router_verdicts(runs: list[dict]) -> dict[Any, tuple[float, float, str, bool]]:
+    """Per LM width: (best, worst) routed / baseline time ratio over hide and disco, the baseline's name, and whether
+    the merged run was disturbed (slower than the unmerged LoRA, which does strictly more work) so that the unmerged
+    LoRA is the baseline instead."""
+    out = {}
+    for width in dict.fromkeys(r.get("width") for r in runs):
+        group = [r for r in runs if r.get("width") == width]
+        merged = next((r for r in group if r["variant"] == "merged"), None)
+        lora = next((r for r in group if r["variant"] == "lora"), None)
+        disturbed = bool(merged and lora and merged["seconds"] > lora["seconds"])
+        base, name = (lora, "one unmerged LoRA") if disturbed else (merged, "merged")
+        ratios = [r["seconds"] / base["seconds"] for r in group if r["variant"] in ("hide", "disco")] if base else []
+        if ratios:
+            out[width] = (min(ratios), max(ratios), name, disturbed)
+    return out
+
+
+def section_train(data: dict | None) -> list[str]:
+    if not data:
+        return _missing("## 1. Training throughput", "train")
+    by_side = _by_side(data)
     rounds = max(r["round"] for r in data["runs"]) + 1
     lines = ["## 1. Training throughput", "",
              f"Task `{data['task']}`, one epoch of {data['steps'] * data['batch']:,} samples = {data['steps']} "
@@ -143,14 +174,10 @@ def section_train(data: dict | None) -> list[str]:
              "from a quarter of the generator draws; the Trainer sides keep PEFT's `nn.Dropout`).", "",
              "| side | compute | samples/s | samples per CPU-second | tokens/s | s/step | padding | final loss |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    med: dict[str, float] = {}
-    med_cpu: dict[str, float] = {}
+    med, med_cpu = _train_medians(by_side)
     for side, items in by_side.items():
         sps = [r["samples_per_s"] for r in items]
         cps = [r.get("samples_per_cpu_s") for r in items if r.get("samples_per_cpu_s")]
-        med[side] = statistics.median(sps)
-        if cps:
-            med_cpu[side] = statistics.median(cps)
         lines.append(f"| {side} | {items[0]['autocast'] or 'fp32'} | {med[side]:.1f} "
                      f"[{', '.join(f'{x:.1f}' for x in sps)}] | "
                      + (f"{med_cpu[side]:.1f} [{', '.join(f'{x:.1f}' for x in cps)}]" if cps else "-")
@@ -254,7 +281,6 @@ def section_router(data: dict | None) -> list[str]:
              "vocabulary and vision tower; latency does not depend on trained values).", "",
              "| LM width | variant | experts T | ms/sample | routing s | × merged | × one LoRA | × merged, CPU time | "
              "FLOPs × merged |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    verdicts = []
     for width in widths:
         group = [r for r in runs if r.get("width") == width]
         merged = next((r for r in group if r["variant"] == "merged"), None)
@@ -268,18 +294,14 @@ def section_router(data: dict | None) -> list[str]:
             lines.append(f"| {width or '?'} | {r['variant']} | {r['experts']} | {r['ms_per_sample']:.2f} | "
                          f"{r['routing_seconds']:.3f} | {_fmt(xm, 2)} | {_fmt(xl, 2)} | {_fmt(xc, 2)} | "
                          f"{_fmt(xf, 3)} |")
-        base, name = merged, "merged"
-        if merged and lora and merged["seconds"] > lora["seconds"]:
-            # a merged adapter does strictly less work than an unmerged one: a slower merged run was disturbed
+    verdicts = []
+    for width, (_, worst, name, disturbed) in _router_verdicts(runs).items():
+        if disturbed:
             verdicts.append(f"- Width {width}: the merged run was slower than the unmerged LoRA, which does strictly "
                             "more work: it was disturbed, so the ratio is taken against the unmerged LoRA (an upper "
                             "bound of the overhead).")
-            base, name = lora, "one unmerged LoRA"
-        worst = max((r["seconds"] / base["seconds"] for r in group if r["variant"] in ("hide", "disco")),
-                    default=None) if base else None
-        if worst is not None:
-            verdicts.append(f"- Width {width}: worst routed / {name} ratio **{worst:.2f}×** (goal ≤ 1.1×: "
-                            f"{'met' if worst <= 1.1 else 'not met'}).")
+        verdicts.append(f"- Width {width}: worst routed / {name} ratio **{worst:.2f}×** (goal ≤ 1.1×: "
+                        f"{'met' if worst <= 1.1 else 'not met'}).")
     lines += ["", *verdicts, "- Machine: " + _load_line(data) + ".", ""]
     return lines
 
@@ -484,11 +506,95 @@ def section_quality(data: dict | None) -> list[str]:
     return lines
 
 
-def write_report(results: Path, doc: Path) -> Path:
+def _full_from_runs(data: dict | None) -> dict | None:
+    """Section 6 at full size from `python -m bench.runs quality`'s result file (its tiny-llava rows at size full),
+    when `python -m bench quality --quality full` has not written quality-full.json: the same runs, collected there
+    method by method over several sessions."""
+    rows = [r for r in (data or {}).get("runs", []) if r.get("size") == "full"
+            and r.get("model", "builtin:tiny-llava") == "builtin:tiny-llava"]
+    if not rows:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    load = data.get("load") or {}
+    return {"size": "full", "overrides": [], "methods": methods, "seeds": seeds, "runs": rows,
+            "complete": len(rows) >= len(methods) * len(seeds), "load_before": load.get("before", {}),
+            "load_after": load.get("after", {}), "finished_utc": data.get("finished_utc"),
+            "mcit_commit": (data.get("machine") or {}).get("mcit_commit"),
+            "threads": (data.get("machine") or {}).get("threads_per_run"), "seconds": data.get("seconds", 0)}
+
+
+def _seed0(quality: dict | None) -> dict | None:
+    """Section 5 from a quality part's seed-0 runs when the memory part did not run on its own: they are the same runs
+    (`python -m bench memory` reuses the quality part's seed 0, run one at a time with the timed thread count)."""
+    if not quality:
+        return None
+    runs = [r for r in quality["runs"] if r.get("seed") == 0]
+    return {**quality, "runs": runs} if runs else None
+
+
+README_BLOCK = ("<!-- bench-headline:begin (written by `python -m bench report` from bench/results/; do not edit) -->",
+                "<!-- bench-headline:end -->")
+
+
+def headline(results: Path) -> list[str]:
+    """The README's benchmark and quality bullets, from the committed result files only (a clause whose file is
+    missing is left out, never typed in)."""
+    speed = []
+    train = read_json(results / "train.json")
+    if train:
+        med, _ = _train_medians(_by_side(train))
+        pairs = [("mcit", "trainer", "a default transformers `Trainer` + PEFT"),
+                 ("mcit", "trainer-tuned", "one given `bf16=True` and `group_by_length`")]
+        said = [f"{med[a] / med[b]:.2f}× {text}" for a, b, text in pairs if a in med and b in med]
+        if said:
+            packed = ("mcit, packed masks", "trainer-tuned")
+            extra = (f" ({med[packed[0]] / med[packed[1]]:.2f}× that one with `method.lora.dropout_masks: packed`)"
+                     if all(k in med for k in packed) else "")
+            speed.append("training " + " and ".join(said) + extra)
+    evaluation = read_json(results / "eval.json")
+    if evaluation:
+        speed.append(f"batched evaluation {evaluation['speedup']:.1f}× one-at-a-time `generate` "
+                     f"({evaluation['identical']} / {evaluation['samples']} identical answers)")
+    router = read_json(results / "router.json")
+    if router:
+        spans = [f"{lo:.2f}–{hi:.2f}× at LM width {width}" for width, (lo, hi, _, _) in
+                 _router_verdicts(router["runs"]).items()]
+        if spans:
+            speed.append("routed inference (hide, disco) " + ", ".join(spans) + " of a merged adapter")
+    cache = read_json(results / "image_cache.json")
+    if cache:
+        b, ext = cache["bounded"], cache["extrapolation"]
+        speed.append(f"image cache peak RSS {b['peak_rss_mib'] / 1024:.1f} GiB over {b['images']:,} distinct 336-px "
+                     f"images against ~{ext['rss_mib'] / 1024:.0f} GiB extrapolated without its bound")
+    lines = ["- **Benchmarks** (`python -m bench`, [docs/BENCHMARKS.md](docs/BENCHMARKS.md), where goals met and "
+             "missed are stated; 2-core CPU): " + ("; ".join(speed) if speed else "no results committed yet") + "."]
+    quality = read_json(results / "quality-methods.json")
+    rows = [r for r in (quality or {}).get("runs", []) if r.get("size") == "full" and not r.get("error")]
+    if rows:
+        by_method: dict[str, list[dict]] = {}
+        for r in rows:
+            by_method.setdefault(r["method"], []).append(r)
+        ranked = sorted(by_method.items(), key=lambda kv: -statistics.fmean(r["metrics"]["MFN"] for r in kv[1]))
+        said = [f"{m} {_pm([r['metrics']['MFN'] for r in items])}"
+                + (f" ({len(items)} seeds)" if len(items) > 1 else " (seed 0)") for m, items in ranked]
+        hide = (" HiDe's layers are chosen by CKA, as recipes/synthcit/hide.yaml does, not the paper's fixed "
+                "top-layer layout ([docs/METHODS-EXPERTS.md](docs/METHODS-EXPERTS.md) compares both)."
+                if "hide" in by_method else "")
+        lines.append("- **Quality on full-size SynthCIT** (`recipes/synthcit/<method>.yaml` unchanged, 189 steps per "
+                     "task; final mean accuracy MFN over the six tasks, `bench/results/quality-methods.json`, tables "
+                     "and the papers' orderings checked in [docs/METHODS-MORE.md](docs/METHODS-MORE.md)): "
+                     + ", ".join(said) + "." + hide)
+    return [textwrap.fill(line, width=120, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+            for line in lines]
+
+
+def write_report(results: Path, doc: Path, readme: Path | None = None) -> Path:
     meta = read_json(results / "meta.json") or {}
     part = {name: read_json(results / f"{name}.json")
             for name in ("train", "mfu", "eval", "router", "memory", "image_cache", "ranking")}
     qualities = {size: read_json(results / f"quality-{size}.json") for size in ("full", "small", "tiny")}
+    qualities["full"] = qualities["full"] or _full_from_runs(read_json(results / "quality-methods.json"))
     try:
         where = results.resolve().relative_to(REPO)
     except ValueError:
@@ -516,7 +622,7 @@ def write_report(results: Path, doc: Path) -> Path:
         lines += [FINDINGS.read_text(encoding="utf-8").strip(), ""]
     lines += section_machine(meta)
     lines += section_train(part["train"]) + section_mfu(part["mfu"]) + section_eval(part["eval"])
-    lines += section_router(part["router"]) + section_memory(part["memory"])
+    lines += section_router(part["router"]) + section_memory(part["memory"] or _seed0(qualities["small"]))
     shown = False
     for size in ("full", "small", "tiny"):
         if qualities[size]:
@@ -528,4 +634,6 @@ def write_report(results: Path, doc: Path) -> Path:
     lines += section_ranking(part["ranking"])
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    if readme is not None:
+        fill_block(readme, *README_BLOCK, headline(results))
     return doc
