@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bench.common import fill_block
+from bench.common import REPO, fill_block
 
 BEGIN, END = "<!-- gpu-runs:begin (python -m bench.gpu) -->", "<!-- gpu-runs:end -->"
 CHECK = re.compile(r"^(PASS|FAIL) (\S+) \((\d+) s\)")
@@ -66,7 +66,8 @@ def bench_table(folder: Path) -> list[str]:
 
 
 def render(results: Path) -> list[str]:
-    out: list[str] = [f"Files: `{results.as_posix()}/`. One block per call of the GPU machine, in order.", ""]
+    shown = results.resolve().relative_to(REPO) if results.resolve().is_relative_to(REPO) else results
+    out: list[str] = [f"Files: `{shown.as_posix()}/`. One block per call of the GPU machine, in order.", ""]
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
         if (folder / "summary.txt").is_file():
             out += smoke_table(folder / "summary.txt")

@@ -263,8 +263,8 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
 
 
 def table(data: dict[str, Any]) -> list[str]:
-    """Markdown tables of a result file: per size, one row per base x method (mean ± sd over seeds), then the final
-    row of the accuracy matrix per task."""
+    """Markdown tables of a result file: per size, one row per base x method (the seeds it ran; mean ± sd over them),
+    then the final row of the accuracy matrix per task."""
     from bench.report import _claim_rows, _pm, _value
 
     lines: list[str] = []
@@ -278,16 +278,17 @@ def table(data: dict[str, Any]) -> list[str]:
         seeds = sorted({r["seed"] for r in rows})
         lines += [f"Size `{size}` ({', '.join(SIZES[size]['overrides']) or 'the recipes unchanged'}); seed"
                   f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; tasks {' → '.join(tasks)}.", "",
-                  "| base | method | MFT | MFN | MAA | BWT | superficial % | essential % | router acc. % | "
-                  "constrained MFN |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| base | method | seeds | MFT | MFN | MAA | BWT | superficial % | essential % | router acc. % | "
+                  "constrained MFN |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (model, method), items in groups.items():
             ok = [r for r in items if not r.get("error")]
             if not ok:
-                lines.append(f"| {model_slug(model)} | {method} | failed: {items[0]['error']} |" + " |" * 7)
+                lines.append(f"| {model_slug(model)} | {method} | - | failed: {items[0]['error']} |" + " |" * 7)
                 continue
             router = [r["router_accuracy"][-1] if r.get("router_accuracy") else None for r in ok]
             metric = [[r["metrics"].get(k) for r in ok] for k in ("MFT", "MFN", "MAA", "BWT")]
-            lines.append(f"| {model_slug(model)} | {method} | {' | '.join(_pm(m) for m in metric)} | "
+            ran = ", ".join(str(r["seed"]) for r in sorted(ok, key=lambda r: r["seed"]))
+            lines.append(f"| {model_slug(model)} | {method} | {ran} | {' | '.join(_pm(m) for m in metric)} | "
                          f"{_pm([_value(r, 'superficial') for r in ok])} | {_pm([_value(r, 'essential') for r in ok])} | "
                          f"{_pm(router)} | {_pm([r['metrics_constrained'].get('MFN') for r in ok])} |")
         lines += ["", f"Final row per task (size `{size}`{', mean over seeds' if len(seeds) > 1 else ''}):", "",
