@@ -6,7 +6,8 @@
     python -m bench report                  # rewrite docs/BENCHMARKS.md from the stored results
 
 Parts: train (throughput against transformers Trainer + PEFT), mfu, eval (batched against one-at-a-time
-generation), router (routed against merged inference), memory (per-method memory, storage and time per task, read
+generation), matrix (every checkpoint of a run on every task, mcit's suite path against an MCITlib-style evaluation,
+for the quickstart and for lora_ft on the 6-task card; trains them first when missing), router (routed against merged inference), memory (per-method memory, storage and time per task, read
 from the quality runs' seed 0 or run at `small` size), quality (every method x seeds), image_cache (host memory of
 40,000 distinct 336-px images through the bounded image cache, against the unbounded one), ranking (peak memory of
 likelihood ranking against the number of candidates, chunked against all at once), memory_estimate (estimated GPU
@@ -20,6 +21,7 @@ runs/bench/, git-ignored). Finished quality runs are reused, so an interrupted `
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ from bench.common import (
     REPO,
     RESULTS,
     TIMED_THREADS,
+    child_env,
     machine,
     other_load,
     read_json,
@@ -39,7 +42,7 @@ from bench.common import (
     write_json,
 )
 
-PARTS = ("train", "mfu", "eval", "router", "quality", "memory", "image_cache", "ranking", "memory_estimate")
+PARTS = ("train", "mfu", "eval", "matrix", "router", "quality", "memory", "image_cache", "ranking", "memory_estimate")
 
 
 def _say(text: str) -> None:
@@ -91,6 +94,55 @@ def part_eval(cfg) -> dict[str, Any]:
     args = ["--per-task", str(cfg.eval_per_task), "--train-steps", str(cfg.eval_train_steps),
             "--threads", str(cfg.threads)]
     return run_child("bench.eval_speed", args, cfg.workdir / "children" / "eval.json", cfg.threads, log=cfg.log)
+
+
+def _finished_run(folder: Path) -> bool:
+    from mcit.runs.folder import RunFolder
+
+    run = RunFolder(folder)
+    try:
+        return run.recipe.is_file() and len(run.stage_dirs()) == len(run.task_names())
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+
+
+def matrix_runs(cfg) -> list[tuple[str, Path]]:
+    """The finished runs whose whole matrix part 3b evaluates, trained first (untimed) where missing: the README
+    quickstart (4 tasks) and sequential LoRA on the 6-task SynthCIT card at full size (the quality part's seed-0
+    lora_ft run, reused when it exists)."""
+    quickstart = cfg.workdir / "matrix" / ("quickstart-smoke" if cfg.smoke else "quickstart")
+    if not _finished_run(quickstart):
+        _say(f"matrix: training the quickstart into {quickstart} (untimed)")
+        overrides = [f"output_dir={quickstart}"] + (
+            ["benchmark.max_train=16", "benchmark.max_test=2", "benchmark.tasks=[shape,count]"] if cfg.smoke else [])
+        with open(cfg.log, "a") as log:
+            subprocess.run([sys.executable, "-m", "mcit", "train",
+                            str(REPO / "recipes" / "synthcit" / "quickstart.yaml"), *overrides],
+                           cwd=REPO, env=child_env(cfg.threads), check=True, stdout=subprocess.DEVNULL, stderr=log)
+    size = "tiny" if cfg.smoke else "full"
+    card_run = runs.run_folder(cfg.workdir, size, "lora_ft", 0, "builtin:tiny-llava")
+    if not runs.is_finished(card_run):
+        _say(f"matrix: training lora_ft at size {size} into {card_run} (untimed)")
+        runs.run_method(cfg.workdir, size, "lora_ft", 0, cfg.threads, cfg.log, "builtin:tiny-llava")
+    return [("quickstart", quickstart), ("synthcit-6", card_run)]
+
+
+def part_matrix(cfg) -> dict[str, Any]:
+    """Part 3b: every checkpoint of a run on every task, MCITlib-style (rebuilt per checkpoint, one `generate` per
+    sample) against mcit's suite path, in one child per run; predictions are compared there and not kept here."""
+    results = []
+    for name, folder in matrix_runs(cfg):
+        _say(f"matrix: {name}, both sides")
+        args = ["--run", str(folder), "--threads", str(cfg.threads)]
+        if cfg.matrix_per_task:
+            args += ["--per-task", str(cfg.matrix_per_task)]
+        data = run_child("bench.eval_matrix", args, cfg.workdir / "children" / f"matrix-{name}.json", cfg.threads,
+                         log=cfg.log)
+        for side in data.get("sides", {}).values():
+            side.pop("predictions", None)
+        data["run"] = str(folder.resolve().relative_to(REPO)) if folder.resolve().is_relative_to(REPO) else str(folder)
+        results.append({"name": name, **data})
+    return {"runs": results}
 
 
 def part_router(cfg) -> dict[str, Any]:
@@ -231,12 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {"train_task": "caption", "train_steps": 40, "batch": 32, "warmup": 5, "rounds": 2,
              "eval_per_task": 50, "eval_train_steps": 40, "router_samples": 120, "router_repeats": 3,
              "router_experts": [2, 4, 6], "proto_samples": 64, "router_width": 1024,
-             "cache_images": 40_000, "cache_unbounded_images": 2_000,
+             "cache_images": 40_000, "cache_unbounded_images": 2_000, "matrix_per_task": None,
              "ranking_candidates": [10, 1000], "ranking_chunks": ["8", "64", "all"]}
     if cfg.smoke:
         sizes.update({"train_steps": 4, "batch": 4, "warmup": 1, "rounds": 1, "eval_per_task": 2,
                       "eval_train_steps": 1, "router_samples": 4, "router_repeats": 1, "router_experts": [2],
                       "proto_samples": 4, "router_width": 320, "cache_images": 64, "cache_unbounded_images": 32,
+                      "matrix_per_task": 2,
                       "ranking_candidates": [3, 20], "ranking_chunks": ["8", "all"]})
         if cfg.quality != "skip":
             cfg.quality = "tiny"
@@ -270,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             data = part_memory(cfg, size, methods)
             name = "memory"
         else:
-            data = {"train": part_train, "mfu": part_mfu, "eval": part_eval, "router": part_router,
+            data = {"train": part_train, "mfu": part_mfu, "eval": part_eval, "matrix": part_matrix,
+                    "router": part_router,
                     "image_cache": part_image_cache, "ranking": part_ranking,
                     "memory_estimate": part_memory_estimate}[part](cfg)
             name = part

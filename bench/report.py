@@ -265,6 +265,42 @@ def section_eval(data: dict | None) -> list[str]:
     ]
 
 
+def section_matrix(data: dict | None) -> list[str]:
+    title = "## 3b. The whole evaluation matrix against an MCITlib-style evaluation"
+    if not data:
+        return _missing(title, "matrix")
+    lines = [title, "",
+             "Every stage checkpoint of a finished run on every task of its card (the T × T matrix), free-form answers, "
+             "greedy, the run's `max_new_tokens`; both sides answer the same test samples from the same checkpoints. "
+             "*MCITlib-style*: the model is rebuilt from disk for every checkpoint (base, adapters, method state) and "
+             "every sample is answered by its own `generate` call (processor + chat template + image per sample), as "
+             "MCITlib's evaluation scripts do. *mcit*: `mcit eval SUITE --checkpoints RUN`'s path: the run's stages "
+             "loaded onto one model in stage order, preprocessed images shared by all checkpoints, length-sorted "
+             "batches that stop at EOS, scoring and prediction files included. Load = building/loading the "
+             "checkpoints' models; generate = answering (and, for mcit, scoring and writing).", "",
+             "| run | method | checkpoints × tasks | answers per side | MCITlib-style s (load / generate) | mcit s "
+             "(load / generate) | × | identical answers | identical scores |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    verdicts = []
+    for run in data["runs"]:
+        a, b = run["sides"]["mcitlib"], run["sides"]["mcit"]
+        cell = f"{len(run['checkpoints'])} × {len(run['tasks'])}"
+        lines.append(f"| {run['name']} (`{run['run']}`) | {run['method']} | {cell} | {run['generations_per_side']:,} | "
+                     f"{a['seconds']:.1f} ({sum(a['load_seconds'].values()):.1f} / "
+                     f"{sum(a['generation_seconds'].values()):.1f}) | {b['seconds']:.1f} "
+                     f"({sum(b['load_seconds'].values()):.1f} / {sum(b['generation_seconds'].values()):.1f}) | "
+                     f"**{run['ratio']:.1f}** | {run['identical']:,} / {run['compared']:,} | "
+                     f"{run['identical_scores']} / {run['cells_compared']} |")
+        verdicts.append(f"- {run['name']}: **{run['ratio']:.1f}×** (goal ≥ 10×: "
+                        f"{'met' if run['ratio'] >= 10 else 'not met'}); the MCITlib-style side built "
+                        f"{a['model_builds']} models, mcit {b['model_builds']}.")
+        for diff in run.get("differences", [])[:3]:
+            verdicts.append(f"  - differs at {diff['checkpoint']} / {diff['task']} / {diff['id']}: "
+                            f"{diff['mcitlib']!r} against {diff['mcit']!r}")
+    lines += ["", *verdicts, "- Machine: " + _load_line(data) + ".", ""]
+    return lines
+
+
 def section_router(data: dict | None) -> list[str]:
     if not data:
         return _missing("## 4. Router overhead", "router")
@@ -556,6 +592,11 @@ def headline(results: Path) -> list[str]:
     if evaluation:
         speed.append(f"batched evaluation {evaluation['speedup']:.1f}× one-at-a-time `generate` "
                      f"({evaluation['identical']} / {evaluation['samples']} identical answers)")
+    matrix = read_json(results / "matrix.json")
+    if matrix:
+        speed.append("the whole evaluation matrix " + ", ".join(
+            f"{r['ratio']:.1f}× an MCITlib-style evaluation for {r['name']} ({r['identical']:,} / {r['compared']:,} "
+            "identical answers)" for r in matrix["runs"]))
     router = read_json(results / "router.json")
     if router:
         spans = [f"{lo:.2f}–{hi:.2f}× at LM width {width}" for width, (lo, hi, _, _) in
@@ -592,7 +633,7 @@ def headline(results: Path) -> list[str]:
 def write_report(results: Path, doc: Path, readme: Path | None = None) -> Path:
     meta = read_json(results / "meta.json") or {}
     part = {name: read_json(results / f"{name}.json")
-            for name in ("train", "mfu", "eval", "router", "memory", "image_cache", "ranking")}
+            for name in ("train", "mfu", "eval", "matrix", "router", "memory", "image_cache", "ranking")}
     qualities = {size: read_json(results / f"quality-{size}.json") for size in ("full", "small", "tiny")}
     qualities["full"] = qualities["full"] or _full_from_runs(read_json(results / "quality-methods.json"))
     try:
@@ -609,7 +650,7 @@ def write_report(results: Path, doc: Path, readme: Path | None = None) -> Path:
               "bash scripts/setup.sh && source .venv/bin/activate",
               "python -m bench report                       # rewrite this file from the committed results",
               "python -m bench                              # measure all parts again, quality `small`: 39 min on 2 free cores",
-              "python -m bench train mfu eval router        # sections 1-4 alone",
+              "python -m bench train mfu eval matrix router # sections 1-4 alone",
               "python -m bench quality --quality full       # the quality table at full size (9 methods x 3 seeds)",
               "python -m bench image_cache                  # section 7 alone (40,000 images through the image cache)",
               "python -m bench.memory_estimate              # the 7B memory/time estimates of docs/DISTRIBUTED.md",
@@ -622,6 +663,7 @@ def write_report(results: Path, doc: Path, readme: Path | None = None) -> Path:
         lines += [FINDINGS.read_text(encoding="utf-8").strip(), ""]
     lines += section_machine(meta)
     lines += section_train(part["train"]) + section_mfu(part["mfu"]) + section_eval(part["eval"])
+    lines += section_matrix(part["matrix"])
     lines += section_router(part["router"]) + section_memory(part["memory"] or _seed0(qualities["small"]))
     shown = False
     for size in ("full", "small", "tiny"):
