@@ -133,11 +133,14 @@ def count_step_flops(trainer, encoded, steps: list[int]) -> list[float]:
 def step_breakdown(trainer, steps: list[int]) -> dict[str, Any]:
     """Where a step's time goes: wall seconds of batch building, forward, backward and clip + optimizer over `steps`
     (a second pass over the same batches, after the timed run: images are cached by then, so `batch` is the cached
-    cost), and the top operators of a profiled third pass by self CPU time."""
+    cost), and the top operators of a profiled third pass by self CPU time. The frozen linear weights are held in
+    the autocast dtype as in the timed loop (`FrozenLinearCast`), so the profile shows that loop's casts."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from mcit.runtime.precision import AUTOCAST
     from mcit.runtime.precision import autocast as autocast_context
+    from mcit.train.frozen_cast import FrozenLinearCast
 
     model = trainer.model
     model.train()
@@ -161,12 +164,18 @@ def step_breakdown(trainer, steps: list[int]) -> dict[str, Any]:
         for key, value in (("batch", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2), ("optimizer", t4 - t3)):
             clock[key] = clock.get(key, 0.0) + value
 
+    # the frozen linears in the autocast dtype, as StageTrainer.run holds them for its steps
+    cast = FrozenLinearCast(model, AUTOCAST.get(trainer.recipe.model.autocast))
     clock: dict[str, float] = {}
-    for step in steps:
-        one_step(step, clock)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cast.apply()
+    try:
         for step in steps:
-            one_step(step, {})
+            one_step(step, clock)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for step in steps:
+                one_step(step, {})
+    finally:
+        cast.restore()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     return {"steps": len(steps), "seconds_per_step": {k: round(v / len(steps), 4) for k, v in clock.items()},
