@@ -22,28 +22,49 @@ from typing import Any
 from bench.common import child_main, synthcit_samples
 
 
-def one_at_a_time(model, processor, samples, max_new_tokens: int, autocast) -> tuple[list[str], list[list[int]]]:
+def one_at_a_time(model, processor, samples, max_new_tokens: int, autocast, method=None,
+                  pad_to_square: bool = False) -> tuple[list[str], list[list[int]]]:
+    """Answers and prompt token ids, one `generate` per sample, nothing kept between samples.
+
+    `method`: a routed method (HiDe, DISCO, ...) routes each sample alone through its `eval_groups`, as the
+    reference implementations route inside the forward pass; None runs the model as it is. `pad_to_square`: the
+    recipe's `benchmark.pad_to_square` (LLaVA-1.5's `image_aspect_ratio: pad`), applied as mcit applies it.
+    """
+    import contextlib
+
     import torch
     from PIL import Image
 
+    from mcit.data.collate import pad_to_square as square
     from mcit.runtime.precision import autocast as autocast_context
 
     answers, prompts = [], []
     eos = model.generation_config.eos_token_id
+    stops = set(eos) if isinstance(eos, list | tuple) else {eos}
+    device = next(model.parameters()).device
     model.eval()
     for sample in samples:
         user = sample.turns[0][0]
         content = ([{"type": "image"}] if user.startswith("<image>\n") else []) + [
             {"type": "text", "text": user.removeprefix("<image>\n")}]
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        with Image.open(sample.image) as img:
-            inputs = processor(text=text, images=img.convert("RGB"), return_tensors="pt", add_special_tokens=False)
+        if sample.image is None:
+            inputs = processor(text=text, return_tensors="pt", add_special_tokens=False)
+        else:
+            with Image.open(sample.image) as img:
+                image = img.convert("RGB")
+            if pad_to_square:
+                image = square(image, processor)
+            inputs = processor(text=text, images=image, return_tensors="pt", add_special_tokens=False)
         prompts.append(inputs["input_ids"][0].tolist())
-        with torch.inference_mode(), autocast_context(autocast):
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos)
+        inputs = inputs.to(device)
+        groups = method.eval_groups(model, [sample]) if method is not None else [(contextlib.nullcontext(), [0])]
+        for context, _ in groups:
+            with context, torch.inference_mode(), autocast_context(autocast, device):
+                out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                     pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos)
         new = out[0, inputs["input_ids"].shape[1]:].tolist()
-        end = next((k for k, t in enumerate(new) if t == eos), len(new))
+        end = next((k for k, t in enumerate(new) if t in stops), len(new))
         answers.append(processor.tokenizer.decode(new[:end], skip_special_tokens=True).strip())
     return answers, prompts
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mcit.config import Recipe, load_recipe, recipe_from_dict
 from mcit.data import synthcit
@@ -25,7 +27,7 @@ from mcit.data.validate import filter_valid, validate_card
 from mcit.errors import CheckpointError, DataError
 from mcit.methods.base import Checkpoint, Method, RunContext, TaskData, build_method
 from mcit.models.loading import load_base
-from mcit.runs.folder import RunFolder, has_stage_state
+from mcit.runs.folder import METHOD_META, RunFolder, has_stage_state
 from mcit.runtime.seeding import seed_everything
 from mcit.train import deepspeed as ds
 from mcit.train.stages import load_stage, stage_meta
@@ -154,15 +156,140 @@ def rebuild_stage(folder: Path, recipe: Recipe):
     method = build_method(recipe)
     model, processor = load_base(recipe.model)
     model = attach_method(method, model, processor, recipe, TaskData([], {}, {}))
-    try:
-        names = RunFolder.of_stage(folder).task_names()
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: the run's results.json (task order) is missing from "
-                              f"{RunFolder.of_stage(folder).root}") from None
+    names = _run_task_names(folder)
     for s, ids in enumerate(method.schedule(len(names))[:stage + 1]):
         method.prepare(model, s, ids)
     load_stage(model, method, folder)
     return model, processor, method
+
+
+def _run_task_names(folder: Path) -> list[str]:
+    try:
+        return RunFolder.of_stage(folder).task_names()
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: the run's results.json (task order) is missing from "
+                              f"{RunFolder.of_stage(folder).root}") from None
+
+
+ADVANCES_IN_PLACE = frozenset({"lora_ft", "joint", "replay", "moelora", "olora", "reglora", "sefe", "keeplora",
+                               "cl_moe", "disco", "hide", "mr_lora", "smolora", "modalprompt"})
+"""Built-in methods whose later stage checkpoints may be loaded onto the model of an earlier stage of the same run
+(`CheckpointLoader`), with the result `rebuild_stage` gives. What makes that safe, read from each method: every
+tensor a stage changes is in its `state_tensors` (LoRA factors, `mcit_` gates/routers/prompt banks, the trained
+projector, and for reglora/sefe/keeplora the merged base weights of every adapted matrix from the first merge on),
+so `load_stage` overwrites all of the earlier stage's values; `load_state` replaces (never appends to) the method's
+state; `prepare` only adds the structure of later stages (adapters, prompts) and sets trainable flags, whatever the
+weights hold; per-row caches (router features, routing answers) are dropped by `routing_report` before advancing.
+Random initialisations in `prepare` run in another RNG state than in a rebuild, but every one of them is overwritten
+by the loaded tensors. A method from another package (`package.module:Class`, entry points) is rebuilt per stage:
+nothing says its hooks keep those rules."""
+
+
+@dataclass
+class Loaded:
+    """What `CheckpointLoader.load` returns: `load_checkpoint`'s four values and how they were obtained."""
+
+    model: Any
+    processor: Any
+    method: Method
+    recipe: Recipe
+    advanced: bool
+    """True when the checkpoint was loaded onto the model of the previous stage of its run, False for a rebuild."""
+
+
+@dataclass
+class _Held:
+    loaded: Loaded
+    run_root: Path | None = None
+    """The run of a stage folder loaded by path (None for anything else: nothing to advance from)."""
+    recipe_text: str = ""
+    stage: int = -1
+    names: list[str] = field(default_factory=list)
+
+
+class CheckpointLoader:
+    """`load_checkpoint` for a sequence of checkpoints that reuses the model between stages of one run.
+
+    Evaluating a run's stages in order rebuilt the base model and every adapter once per stage: T full model loads
+    for T stages, which for a 7B model is most of the time of a small evaluation. Here a stage folder that follows the
+    stage held (same run folder, unchanged recipe.yaml, a later stage, a method in `ADVANCES_IN_PLACE`) is loaded
+    onto the held model instead: `prepare` for the schedule entries in between, then `load_stage`, exactly the steps
+    `rebuild_stage` runs after its own `prepare` calls. Anything else (another run, an earlier stage, an expert-set
+    export, a base model, a PEFT adapter, an HF model) drops the held model first and goes through
+    `load_checkpoint`, so at most one model is in memory. The held model is the one the caller evaluated: a caller
+    must not change its weights (evaluation does not).
+    """
+
+    def __init__(self):
+        self._held: _Held | None = None
+        self.builds = 0
+        """Models built from scratch (`load_checkpoint` calls)."""
+        self.advances = 0
+        """Checkpoints loaded onto the held model."""
+
+    def load(self, checkpoint: str, recipe: Recipe | None = None) -> Loaded:
+        path = Path(checkpoint).expanduser()
+        stage = self._next_stage(path)
+        if stage is not None:
+            try:
+                return self._advance(path, stage)
+            except BaseException:
+                self._held = None  # half advanced: never reuse it
+                raise
+        self._held = None  # the old model is released before the new one is built
+        model, processor, method, recipe = load_checkpoint(checkpoint, recipe)
+        self.builds += 1
+        loaded = Loaded(model, processor, method, recipe, advanced=False)
+        held = _Held(loaded)
+        if has_stage_state(path) and exported_stage(path) is None and method.name in ADVANCES_IN_PLACE:
+            run = RunFolder.of_stage(path)
+            held = _Held(loaded, run.root, run.recipe.read_text(encoding="utf-8"), _stage_number(path) - 1,
+                         _run_task_names(path))
+        self._held = held
+        return loaded
+
+    def release(self) -> None:
+        """Drop the held model (its memory is freed once the caller's references are gone too)."""
+        self._held = None
+
+    def _next_stage(self, path: Path) -> int | None:
+        """The 0-based stage of `path` when it can be loaded onto the held model, else None."""
+        held = self._held
+        if held is None or held.run_root is None or not has_stage_state(path) or exported_stage(path) is not None:
+            return None
+        run = RunFolder.of_stage(path)
+        if run.root != held.run_root or not run.recipe.is_file():
+            return None
+        if run.recipe.read_text(encoding="utf-8") != held.recipe_text:
+            return None
+        stage = _stage_number(path) - 1
+        return stage if held.stage < stage < len(held.loaded.method.schedule(len(held.names))) else None
+
+    def _advance(self, path: Path, stage: int) -> Loaded:
+        held = self._held
+        assert held is not None
+        model, method = held.loaded.model, held.loaded.method
+        method.routing_report()  # drops the per-row caches (router features and answers) of the stage evaluated
+        schedule = method.schedule(len(held.names))
+        for s in range(held.stage + 1, stage + 1):
+            method.prepare(model, s, schedule[s])
+        load_stage(model, method, path)  # verifies the folder against its manifest before anything is loaded
+        check_tokenizer_fits(model, held.loaded.processor, path)
+        held.stage = stage
+        self.advances += 1
+        held.loaded = Loaded(model, held.loaded.processor, method, held.loaded.recipe, advanced=True)
+        return held.loaded
+
+
+def _stage_number(folder: Path) -> int:
+    """The 1-based stage of a stage folder, from its method.json (read before the manifest check, which
+    `load_stage` runs once, instead of hashing a large checkpoint twice)."""
+    meta = Path(folder) / METHOD_META
+    try:
+        return int(json.loads(meta.read_text(encoding="utf-8"))["stage"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta}: unreadable stage metadata ({type(exc).__name__}); the checkpoint is damaged "
+                              f"or was not written by `mcit train`") from None
 
 
 def exported_stage(path: Path) -> Path | None:

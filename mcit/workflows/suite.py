@@ -6,6 +6,9 @@ folder, an exported expert set, a PEFT adapter, an HF model (id or folder) or `b
 cell is written atomically to `<out>/cells/` as soon as it is scored, and a re-run after a kill reuses every cell it
 finds, so an interrupted evaluation finishes with the results.json an uninterrupted one writes (greedy decoding is
 deterministic). Retention: for a run, each stage's score minus its base model's, per task and on average.
+
+A run's stages are loaded onto one model in stage order (the base model is built once per run, not once per stage)
+and every row shares the preprocessed images (`evaluate_cells`); the cells are those of a fresh model per row.
 """
 
 from __future__ import annotations
@@ -14,21 +17,23 @@ import dataclasses
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from mcit.config import load_recipe
+from mcit.data.cards import DataCard
 from mcit.data.collate import Encoder, PixelCache
 from mcit.data.validate import validate_card
 from mcit.errors import CheckpointError, DataError, EvalError
 from mcit.evaluation.evaluate import TaskResult, evaluate_task
-from mcit.evaluation.suites import EvalSuite, load_suite
+from mcit.evaluation.suites import EvalSuite, SuiteGeneration, load_suite
 from mcit.report import plots
 from mcit.report.render import Document, fmt
 from mcit.runs.folder import RunFolder
 from mcit.runtime import dist, failpoints
 from mcit.runtime.files import write_json_atomic, write_text_atomic
-from mcit.workflows.load import align_boxes, exported_stage, load_checkpoint
+from mcit.workflows.load import CheckpointLoader, align_boxes, exported_stage
 
 COLUMNS = {"score": "score", "format": "format_rate", "superficial": "superficial", "essential": "essential",
            "constrained": "constrained"}
@@ -110,12 +115,12 @@ def _read_cell(path: Path, inputs: dict[str, Any]) -> TaskResult | None:
     return result
 
 
-def _cell_inputs(item: CheckpointItem, card, task: str, suite: EvalSuite) -> dict[str, Any]:
+def _cell_inputs(item: CheckpointItem, card, task: str, generation: SuiteGeneration) -> dict[str, Any]:
     """What a cell's result depends on besides the weights: written into the cell and compared on resume."""
     path = Path(item.checkpoint).expanduser()
     inputs = {"checkpoint": str(path.resolve()) if path.exists() else item.checkpoint,
               "card": card.name, "root": str(card.root_dir), "task": dataclasses.asdict(card.task(task)),
-              "generation": dataclasses.asdict(suite.generation)}
+              "generation": dataclasses.asdict(generation)}
     return json.loads(json.dumps(inputs))  # as it reads back from the cell (tuples become lists)
 
 
@@ -137,9 +142,49 @@ def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | 
         if not report.ok:
             raise DataError(f"suite {suite.name!r}: card {card.name!r} has problems in its test split:\n"
                             f"{report.format()}")
+    cells = evaluate_cells(items, resolved, suite.generation, out)
+    results = suite_results(suite, items, tasks, cells)
+    if dist.is_main():
+        write_json_atomic(out / "results.json", results)
+        write_suite_report(results, out)
+        for run_dir in dict.fromkeys(i.run_dir for i in items if i.run_dir):
+            file_in_run(results, run_dir, out)
+    dist.barrier()
+    return out / "results.json"
+
+
+@dataclasses.dataclass
+class ItemTiming:
+    """Where one checkpoint row's time went (for benchmarks; results.json holds no timings)."""
+
+    label: str
+    load_seconds: float = 0.0
+    """Building the model, or advancing the held one to this stage (0 when every cell was already done)."""
+    eval_seconds: float = 0.0
+    """Its cells: loading the test samples, generating, scoring, writing predictions and cells."""
+    advanced: bool = False
+    """Loaded onto the previous stage's model (mcit.workflows.load.CheckpointLoader) instead of rebuilt."""
+
+
+def evaluate_cells(items: list[CheckpointItem], resolved: list[tuple[DataCard, str]], generation: SuiteGeneration,
+                   out: Path, timings: list[ItemTiming] | None = None) -> dict[tuple[str, str], TaskResult]:
+    """Every (checkpoint, task) cell not already in `out/cells/`: scored, written as a cell and its predictions file.
+
+    What is shared between rows, because it does not depend on the weights: the model itself between consecutive
+    stages of one run (`CheckpointLoader`: one base-model build per run instead of one per stage) and the
+    preprocessed images (one `PixelCache` per processor configuration, so a run's T stages preprocess each test image
+    once, not T times). Greedy decoding makes every cell the same as with a fresh model and cache. `timings` (when
+    given) receives one `ItemTiming` per item.
+    """
+    tasks = [task for _, task in resolved]
+    loader = CheckpointLoader()
+    caches: dict[tuple, PixelCache] = {}
     cells: dict[tuple[str, str], TaskResult] = {}
     for item in items:
-        inputs = {task: _cell_inputs(item, card, task, suite) for card, task in resolved}
+        timing = ItemTiming(item.label)
+        if timings is not None:
+            timings.append(timing)
+        inputs = {task: _cell_inputs(item, card, task, generation) for card, task in resolved}
         # The main rank decides which cells are done and every rank follows, so all ranks of a launched evaluation
         # take part in the same cells (a rank skipping a cell another evaluates would hang its collectives).
         done = dist.all_gather_objects(
@@ -149,10 +194,14 @@ def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | 
         if all(r is not None for r in done.values()):
             print(f"[mcit] {item.label}: every task already evaluated", file=sys.stderr)
             continue
+        t0 = time.perf_counter()
         recipe = load_recipe(item.recipe_path, settings_only=True) if item.recipe_path else None
-        model, processor, method, recipe = load_checkpoint(item.checkpoint, recipe)
+        loaded = loader.load(item.checkpoint, recipe)
+        model, processor, method, recipe = loaded.model, loaded.processor, loaded.method, loaded.recipe
+        timing.load_seconds, timing.advanced = time.perf_counter() - t0, loaded.advanced
+        t0 = time.perf_counter()
         encoder = Encoder.from_recipe(processor, recipe)
-        pixels = PixelCache.from_recipe(processor, recipe)
+        pixels = caches.setdefault(_pixel_key(processor, recipe), PixelCache.from_recipe(processor, recipe))
         for card, task in resolved:
             if done[task] is not None:
                 continue
@@ -160,10 +209,10 @@ def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | 
             samples = card.load_task(task, "test", seed=recipe.seed)
             align_boxes(card, recipe, processor, {task: samples})
             result = evaluate_task(model, method, encoder, pixels, spec, samples,
-                                   batch_size=suite.generation.batch_size,
-                                   max_new_tokens=suite.generation.max_new_tokens, autocast=recipe.model.autocast,
-                                   constrained=suite.generation.constrained,
-                                   predictions_file=out / "predictions" / _safe(item.label) / f"{task}.jsonl",
+                                   batch_size=generation.batch_size,
+                                   max_new_tokens=generation.max_new_tokens, autocast=recipe.model.autocast,
+                                   constrained=generation.constrained,
+                                   predictions_file=predictions_file(out, item.label, task),
                                    shard=dist.is_distributed())
             if dist.is_main():
                 cell = out / "cells" / _safe(item.label) / f"{task}.json"
@@ -172,15 +221,26 @@ def evaluate_suite(suite_ref: str, checkpoints: list[str], *, output_dir: str | 
             cells[(item.label, task)] = result
             print(f"[mcit] {item.label} {task}: {result.score:.1f}", file=sys.stderr)
             failpoints.hit("suite.cell")
-        del model, method
-    results = suite_results(suite, items, tasks, cells)
-    if dist.is_main():
-        write_json_atomic(out / "results.json", results)
-        write_suite_report(results, out)
-        for run_dir in dict.fromkeys(i.run_dir for i in items if i.run_dir):
-            file_in_run(results, run_dir, out)
-    dist.barrier()
-    return out / "results.json"
+        timing.eval_seconds = time.perf_counter() - t0
+        del model, method, loaded  # the loader keeps the model only while the next item may be its next stage
+    loader.release()
+    return cells
+
+
+def predictions_file(out: Path, label: str, task: str) -> Path:
+    """The predictions (JSON lines: id, prompt, prediction, reference, score, ...) of one cell of an evaluation."""
+    return out / "predictions" / _safe(label) / f"{task}.jsonl"
+
+
+def _pixel_key(processor, recipe) -> tuple:
+    """What preprocessed pixels (and the token types `generate` reads from the cache's processor) depend on: the
+    processor's image settings and tokenizer, `benchmark.pad_to_square`, and the cache budget."""
+    image = getattr(processor, "image_processor", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    settings = image.to_json_string() if hasattr(image, "to_json_string") else repr(image)
+    return (type(processor).__name__, settings, getattr(tokenizer, "name_or_path", None),
+            len(tokenizer) if tokenizer is not None else None, recipe.benchmark.pad_to_square,
+            recipe.benchmark.image_cache_mb)
 
 
 def suite_results(suite: EvalSuite, items: list[CheckpointItem], tasks: list[str],
