@@ -205,13 +205,17 @@ def base_weights(model: str) -> dict[str, Any]:
 
 
 def quality(models: list[str], methods: list[str], seeds: list[int], size: str, out: Path, *,
-            workdir: Path = DEFAULT_WORKDIR, threads: int = 1, jobs: int = 1) -> dict[str, Any]:
+            workdir: Path = DEFAULT_WORKDIR, threads: int = 1, jobs: int = 1,
+            collect_only: bool = False) -> dict[str, Any]:
     """Every model x method x seed at `size` (finished runs in `workdir` are reused), merged into the result file
     `out`: rows of other models, sizes or methods already there are kept, so the file collects several invocations
     (e.g. the `small` table of two bases and `full` runs of one). The file is rewritten after each run.
 
     `threads` per run, `jobs` runs side by side: on a shared 2-core machine one thread per run is faster than two
-    (two threads wait on each other whenever another process holds a core)."""
+    (two threads wait on each other whenever another process holds a core).
+
+    `collect_only`: add the finished runs of the plan to `out` and start none (e.g. runs finished by another
+    invocation that wrote elsewhere, or by one that was stopped)."""
     data = read_json(out) or {"runs": []}
     records = {_key(r): r for r in data.get("runs", [])}
     bases = dict(data.get("bases", {}))
@@ -246,6 +250,8 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
     for model in models:
         bases[model] = base_weights(model)
     plan = [(model, method, seed) for model in models for seed in seeds for method in methods]
+    if collect_only:
+        plan = [job for job in plan if is_finished(run_folder(workdir, size, job[1], job[2], job[0]))]
     runs = any(not is_finished(run_folder(workdir, size, method, seed, model)) for model, method, seed in plan)
     if runs:  # an invocation that only collects finished runs keeps the record of the one that ran them
         data["machine"] = {**machine(), "threads_per_run": threads, "jobs": jobs}
@@ -339,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     several.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     several.add_argument("--threads", type=int, default=1, help="threads per run")
     several.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    several.add_argument("--collect-only", action="store_true",
+                         help="add the plan's finished runs to --out and start none")
     render = modes.add_parser("table", help="print a result file's tables, or write them into --doc")
     render.add_argument("result", type=Path)
     render.add_argument("--doc", type=Path, default=None)
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         quality(args.model, args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.size, args.out,
-                workdir=args.workdir, threads=args.threads, jobs=args.jobs)
+                workdir=args.workdir, threads=args.threads, jobs=args.jobs, collect_only=args.collect_only)
         print("\n".join(table(read_json(args.out))))
     else:
         data = read_json(args.result)

@@ -23,3 +23,27 @@ def test_rows_name_their_seeds_and_average_over_them():
     assert "| lora_ft | 0, 1 | 15.0 ± 7.1 | 15.0 ± 7.1 |" in rows["lora_ft"]
     assert "| keeplora | 0 | 40.0 | 40.0 |" in rows["keeplora"]  # the failed seed is neither listed nor averaged
     assert any("KeepLoRA beats sequential LoRA" in line and "reproduces" in line for line in lines)
+
+
+def test_collect_only_adds_finished_runs_and_starts_none(tmp_path, monkeypatch):
+    import json
+
+    from bench import runs
+
+    def never(*args, **kwargs):
+        raise AssertionError("collect_only started a run")
+
+    monkeypatch.setattr(runs, "run_child", never)
+    monkeypatch.setattr(runs, "base_weights", lambda model: {"folder": model})
+    done = runs.run_folder(tmp_path, "tiny", "lora_ft", 0, "builtin:tiny-llava")
+    done.mkdir(parents=True)
+    result = {"tasks": ["a"], "stages": ["a"], "matrix": [[0.0], [50.0]], "metrics": {"MFN": 50.0}}
+    (done / "results.json").write_text(json.dumps(result))
+    (done / "probe.json").write_text("{}")
+    half = runs.run_folder(tmp_path, "tiny", "disco", 0, "builtin:tiny-llava")
+    half.mkdir(parents=True)  # started, never finished: no results, no probe
+    out = tmp_path / "collected.json"
+    data = runs.quality(["builtin:tiny-llava"], ["lora_ft", "disco"], [0], "tiny", out, workdir=tmp_path,
+                        collect_only=True)
+    assert [(r["method"], r["metrics"]["MFN"]) for r in data["runs"]] == [("lora_ft", 50.0)]
+    assert half.is_dir()  # a half-finished run is neither collected nor moved aside
