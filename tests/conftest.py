@@ -31,3 +31,19 @@ def isolated_cache(tmp_path_factory):
         os.environ.pop("MCIT_CACHE", None)
     else:
         os.environ["MCIT_CACHE"] = old
+
+
+@pytest.fixture
+def count_builds(monkeypatch):
+    """The base models built (`mcit.workflows.load.load_base` calls, by the checkpoint loader and load_checkpoint)."""
+    from mcit.workflows import load as load_module
+
+    calls = []
+    real = load_module.load_base
+
+    def counted(config):
+        calls.append(config.name_or_path)
+        return real(config)
+
+    monkeypatch.setattr(load_module, "load_base", counted)
+    return calls

@@ -11,7 +11,6 @@ import torch
 
 from bench import eval_matrix
 from mcit.config import load_recipe
-from mcit.workflows import load as load_module
 from mcit.workflows.train import ContinualRunner
 from tests.recipes import write_recipe
 
@@ -39,30 +38,17 @@ def run(tmp_path_factory, synthcit_root):
     return ContinualRunner(load_recipe(recipe)).run().parent
 
 
-@pytest.fixture
-def builds(monkeypatch):
-    calls = []
-    real = load_module.load_base
-
-    def counted(config):
-        calls.append(config.name_or_path)
-        return real(config)
-
-    monkeypatch.setattr(load_module, "load_base", counted)
-    return calls
-
-
 def _side(run, tmp_path, side: str) -> dict:
     args = Namespace(run=str(run), per_task=2, max_new_tokens=None, sides=side, out=str(tmp_path / f"{side}.json"))
     return eval_matrix.run(args)
 
 
-def test_both_sides_answer_every_cell_alike(run, tmp_path, builds):
+def test_both_sides_answer_every_cell_alike(run, tmp_path, count_builds):
     stages = sorted(p.name for p in (run / "checkpoints").glob("stage-*"))
     old = _side(run, tmp_path, "mcitlib")
-    assert len(builds) == 1 + 2  # the warm-up, then one build per checkpoint
+    assert len(count_builds) == 1 + 2  # the warm-up, then one build per checkpoint
     new = _side(run, tmp_path, "mcit")
-    assert len(builds) == 3 + 1 + 1  # the warm-up, then one build for the run's two stages
+    assert len(count_builds) == 3 + 1 + 1  # the warm-up, then one build for the run's two stages
     assert old["checkpoints"] == new["checkpoints"] == stages and old["cells"] == 4
     assert old["max_new_tokens"] == 6 and old["samples_per_task"] == {"shape": 2, "mc-color": 2}
     mcitlib, mcit = old["sides"]["mcitlib"], new["sides"]["mcit"]

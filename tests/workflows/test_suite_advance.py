@@ -57,20 +57,6 @@ def _tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture
-def count_builds(monkeypatch):
-    """The number of base models built (load_base calls made by the loader and load_checkpoint)."""
-    calls = []
-    real = load_module.load_base
-
-    def counted(config):
-        calls.append(config.name_or_path)
-        return real(config)
-
-    monkeypatch.setattr(load_module, "load_base", counted)
-    return calls
-
-
 def test_advancing_gives_the_rebuilt_model(run):
     loader = CheckpointLoader()
     first, second = _stages(run)
