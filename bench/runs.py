@@ -142,21 +142,26 @@ def is_finished(folder: Path) -> bool:
 
 
 def run_method(workdir: Path, size: str, method: str, seed: int, threads: int, log: Path,
-               model: str | None = None) -> dict[str, Any]:
+               model: str | None = None, resume: bool = False) -> dict[str, Any]:
     """One instrumented run (skipped when the folder already holds a finished one); returns its record. `model`:
-    the base (`model.name_or_path`) instead of the recipe's."""
+    the base (`model.name_or_path`) instead of the recipe's. `resume`: continue a half-finished run in its folder
+    (`mcit train` resumes from its last finished step; the results equal an uninterrupted run's) instead of moving it
+    aside and starting again; its probe then times only the resumed part and says so (`"resumed": true`)."""
     folder = run_folder(workdir, size, method, seed, model)
     recipe, extra = recipe_for(method)
     if model:
         extra = [*extra, f"model.name_or_path={model}"]
     overrides = [*extra, *SIZES[size]["overrides"], f"seed={seed}", f"output_dir={folder}"]
+    resumed = resume and folder.is_dir() and not is_finished(folder)
     if not is_finished(folder):
-        if folder.exists():  # a half-finished run of an earlier invocation: start clean (timings stay honest), but
+        if folder.exists() and not resumed:  # a half-finished run of an earlier invocation: start clean (timings stay honest), but
             # keep it aside rather than delete it: a run whose probe was lost (its parent killed) still holds results
             folder.rename(folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
         folder.parent.mkdir(parents=True, exist_ok=True)
         run_child("bench.runs", ["worker", str(recipe), *overrides], folder / "probe.json", threads, log=log,
                   timeout=6 * 3600)
+        if resumed:
+            write_json(folder / "probe.json", {**(read_json(folder / "probe.json") or {}), "resumed": True})
     return collect(folder, method, seed, size, [str(recipe.relative_to(REPO)), *extra, *SIZES[size]["overrides"]])
 
 
@@ -206,7 +211,7 @@ def base_weights(model: str) -> dict[str, Any]:
 
 def quality(models: list[str], methods: list[str], seeds: list[int], size: str, out: Path, *,
             workdir: Path = DEFAULT_WORKDIR, threads: int = 1, jobs: int = 1,
-            collect_only: bool = False) -> dict[str, Any]:
+            collect_only: bool = False, resume: bool = False) -> dict[str, Any]:
     """Every model x method x seed at `size` (finished runs in `workdir` are reused), merged into the result file
     `out`: rows of other models, sizes or methods already there are kept, so the file collects several invocations
     (e.g. the `small` table of two bases and `full` runs of one). The file is rewritten after each run.
@@ -215,7 +220,8 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
     (two threads wait on each other whenever another process holds a core).
 
     `collect_only`: add the finished runs of the plan to `out` and start none (e.g. runs finished by another
-    invocation that wrote elsewhere, or by one that was stopped)."""
+    invocation that wrote elsewhere, or by one that was stopped). `resume`: continue half-finished runs in place
+    (see `run_method`)."""
     data = read_json(out) or {"runs": []}
     records = {_key(r): r for r in data.get("runs", [])}
     bases = dict(data.get("bases", {}))
@@ -237,7 +243,7 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
         _say(f"{size}: {method} on {model}, seed {seed}")
         t0 = time.time()
         try:
-            record = run_method(workdir, size, method, seed, threads, log, model)
+            record = run_method(workdir, size, method, seed, threads, log, model, resume)
         except RuntimeError as exc:  # one failed run must not lose the others
             record = {"method": method, "seed": seed, "size": size, "model": model,
                       "error": str(exc).splitlines()[-1]}
@@ -347,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     several.add_argument("--jobs", type=int, default=1, help="runs side by side")
     several.add_argument("--collect-only", action="store_true",
                          help="add the plan's finished runs to --out and start none")
+    several.add_argument("--resume", action="store_true",
+                         help="continue half-finished runs in place instead of starting them again (their probe "
+                              "times only the resumed part)")
     render = modes.add_parser("table", help="print a result file's tables, or write them into --doc")
     render.add_argument("result", type=Path)
     render.add_argument("--doc", type=Path, default=None)
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         quality(args.model, args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.size, args.out,
-                workdir=args.workdir, threads=args.threads, jobs=args.jobs, collect_only=args.collect_only)
+                workdir=args.workdir, threads=args.threads, jobs=args.jobs, collect_only=args.collect_only, resume=args.resume)
         print("\n".join(table(read_json(args.out))))
     else:
         data = read_json(args.result)

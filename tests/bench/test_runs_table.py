@@ -47,3 +47,34 @@ def test_collect_only_adds_finished_runs_and_starts_none(tmp_path, monkeypatch):
                         collect_only=True)
     assert [(r["method"], r["metrics"]["MFN"]) for r in data["runs"]] == [("lora_ft", 50.0)]
     assert half.is_dir()  # a half-finished run is neither collected nor moved aside
+
+
+def test_resume_continues_a_half_finished_run_in_place(tmp_path, monkeypatch):
+    import json
+
+    from bench import runs
+
+    started = []
+
+    def child(module, args, probe, threads, **kwargs):  # stands in for the worker: finishes the run it was given
+        folder = probe.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        started.append(sorted(p.name for p in folder.iterdir()))
+        (folder / "results.json").write_text(json.dumps({"tasks": ["a"], "stages": ["a"], "matrix": [[0.0], [7.0]],
+                                                         "metrics": {"MFN": 7.0}}))
+        probe.write_text(json.dumps({"stages": []}))
+
+    monkeypatch.setattr(runs, "run_child", child)
+    monkeypatch.setattr(runs, "base_weights", lambda model: {"folder": model})
+    half = runs.run_folder(tmp_path, "tiny", "disco", 0, "builtin:tiny-llava")
+    (half / "checkpoints" / "stage-01-a").mkdir(parents=True)
+    (half / "recipe.yaml").write_text("train: {epochs: 1}\n")
+    data = runs.quality(["builtin:tiny-llava"], ["disco"], [0], "tiny", tmp_path / "out.json", workdir=tmp_path,
+                        resume=True)
+    assert started == [["checkpoints", "recipe.yaml"]]  # the worker ran in the old folder, its stage still there
+    assert not list(half.parent.glob("*.stale-*"))
+    assert data["runs"][0]["probe"]["resumed"] is True and data["runs"][0]["metrics"]["MFN"] == 7.0
+    other = runs.run_folder(tmp_path, "tiny", "hide", 0, "builtin:tiny-llava")
+    (other / "checkpoints").mkdir(parents=True)
+    runs.quality(["builtin:tiny-llava"], ["hide"], [0], "tiny", tmp_path / "out.json", workdir=tmp_path)
+    assert len(list(other.parent.glob("hide-s0.stale-*"))) == 1  # without resume: moved aside, started clean
