@@ -147,7 +147,8 @@ def mcit_side(stages: list[Path], card, max_new_tokens: int, batch_size: int, wo
     return {"seconds": round(seconds, 3), "load_seconds": _rounded({t.label: t.load_seconds for t in timings}),
             "generation_seconds": _rounded({t.label: t.eval_seconds for t in timings}),
             "model_builds": sum(not t.advanced for t in timings),
-            "advanced": [t.label for t in timings if t.advanced], "batch": batch_size, "scores": scores,
+            "advanced": [t.label for t in timings if t.advanced], "batch": batch_size,
+            "vision_rows": {t.label: t.vision_rows for t in timings}, "scores": scores,
             "predictions": predictions}
 
 

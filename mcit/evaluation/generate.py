@@ -77,6 +77,15 @@ def _images(samples: Sequence[Sample], batch: list[int], pixels: PixelCache, dev
     return {key: value.to(device) for key, value in pixels.inputs(paths).items()}
 
 
+def _serving(model, samples: Sequence[Sample], batch: list[int], pixels: PixelCache):
+    """The pixel cache's vision features serve the images of `batch` (one row of `pixel_values` each) while the
+    model runs on it; nothing when the cache is off or the batch has no images."""
+    features = getattr(pixels, "features", None)
+    if features is None or samples[batch[0]].image is None:
+        return contextlib.nullcontext()
+    return features.serving(model, [samples[i].image for i in batch])
+
+
 def _pad_id(encoder: Encoder) -> int:
     tokenizer = encoder.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -107,7 +116,7 @@ def generate(model, encoder: Encoder, samples: Sequence[Sample], pixels: PixelCa
         for batch in _progress(batches, progress):
             inputs = _padded([prompts[i] for i in batch], pad_id, device, "left")
             inputs.update(token_types(pixels.processor, inputs["input_ids"]))
-            with autocast_for(autocast, device):
+            with autocast_for(autocast, device), _serving(model, samples, batch, pixels):
                 out = model.generate(**inputs, **_images(samples, batch, pixels, device), do_sample=False,
                                      max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
             for i, row in zip(batch, out[:, inputs["input_ids"].shape[1]:].tolist(), strict=True):
@@ -182,7 +191,8 @@ def candidate_logprobs(model, encoder: Encoder, samples: Sequence[Sample], candi
             inputs = _padded([split[i][0] for i in batch], pad_id, device, "left")
             inputs.update(_images(samples, batch, pixels, device))
             inputs.update(token_types(pixels.processor, inputs["input_ids"]))
-            prompt = _run_prompt(model, inputs)
+            with _serving(model, samples, batch, pixels):
+                prompt = _run_prompt(model, inputs)
             # (prompt row, candidate) pairs, shortest continuation first, so a chunk carries little padding
             pairs = sorted(((r, k) for r, i in enumerate(batch) for k in range(len(split[i][1]))),
                            key=lambda pair: len(split[batch[pair[0]]][1][pair[1]]))

@@ -37,6 +37,10 @@ class Family:
     vision_cls: bool = True
     """The tower's hidden states start with a CLS token (CLIP, InternViT), which patch pooling leaves out; SigLIP and
     Qwen's ViT have none."""
+    vision_cache: bool = False
+    """The tower sees one row of `pixel_values` per image and the model selects its hidden states by index, so they
+    can be kept per image across checkpoints (mcit/models/vision_cache.py); not for tiled or dynamic-resolution
+    towers."""
 
     def part(self, model: Any, which: str):
         """The `language_model` / `projector` / `vision_tower` module of `model` (a bare model or a PeftModel)."""
@@ -62,7 +66,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {}
 for _family in (
-    Family("llava", ("llava",), "LlavaForConditionalGeneration"),
+    Family("llava", ("llava",), "LlavaForConditionalGeneration", vision_cache=True),
     Family("llava-next", ("llava_next",), "LlavaNextForConditionalGeneration"),
     Family("llava-onevision", ("llava_onevision",), "LlavaOnevisionForConditionalGeneration", vision_cls=False),
     Family("qwen2-vl", ("qwen2_vl",), "Qwen2VLForConditionalGeneration", projector="model.visual.merger",

@@ -164,6 +164,8 @@ class ItemTiming:
     """Its cells: loading the test samples, generating, scoring, writing predictions and cells."""
     advanced: bool = False
     """Loaded onto the previous stage's model (mcit.workflows.load.CheckpointLoader) instead of rebuilt."""
+    vision_rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Images whose vision features this row read from the cache (`hits`) or computed (`misses`)."""
 
 
 def evaluate_cells(items: list[CheckpointItem], resolved: list[tuple[DataCard, str]], generation: SuiteGeneration,
@@ -173,7 +175,8 @@ def evaluate_cells(items: list[CheckpointItem], resolved: list[tuple[DataCard, s
     What is shared between rows, because it does not depend on the weights: the model itself between consecutive
     stages of one run (`CheckpointLoader`: one base-model build per run instead of one per stage) and the
     preprocessed images (one `PixelCache` per processor configuration, so a run's T stages preprocess each test image
-    once, not T times). Greedy decoding makes every cell the same as with a fresh model and cache. `timings` (when
+    once, not T times) with the frozen vision tower's features of them (`benchmark.vision_feature_cache_mb`: each
+    test image goes through the tower once per run, not T times; mcit/models/vision_cache.py). Greedy decoding makes every cell the same as with a fresh model and cache. `timings` (when
     given) receives one `ItemTiming` per item.
     """
     tasks = [task for _, task in resolved]
@@ -202,6 +205,7 @@ def evaluate_cells(items: list[CheckpointItem], resolved: list[tuple[DataCard, s
         t0 = time.perf_counter()
         encoder = Encoder.from_recipe(processor, recipe)
         pixels = caches.setdefault(_pixel_key(processor, recipe), PixelCache.from_recipe(processor, recipe))
+        before = (pixels.features.hits, pixels.features.misses) if pixels.features else (0, 0)
         for card, task in resolved:
             if done[task] is not None:
                 continue
@@ -222,6 +226,8 @@ def evaluate_cells(items: list[CheckpointItem], resolved: list[tuple[DataCard, s
             print(f"[mcit] {item.label} {task}: {result.score:.1f}", file=sys.stderr)
             failpoints.hit("suite.cell")
         timing.eval_seconds = time.perf_counter() - t0
+        if pixels.features:
+            timing.vision_rows = {"hits": pixels.features.hits - before[0], "misses": pixels.features.misses - before[1]}
         del model, method, loaded  # the loader keeps the model only while the next item may be its next stage
     loader.release()
     return cells
@@ -234,13 +240,13 @@ def predictions_file(out: Path, label: str, task: str) -> Path:
 
 def _pixel_key(processor, recipe) -> tuple:
     """What preprocessed pixels (and the token types `generate` reads from the cache's processor) depend on: the
-    processor's image settings and tokenizer, `benchmark.pad_to_square`, and the cache budget."""
+    processor's image settings and tokenizer, `benchmark.pad_to_square`, and the cache budgets."""
     image = getattr(processor, "image_processor", None)
     tokenizer = getattr(processor, "tokenizer", None)
     settings = image.to_json_string() if hasattr(image, "to_json_string") else repr(image)
     return (type(processor).__name__, settings, getattr(tokenizer, "name_or_path", None),
             len(tokenizer) if tokenizer is not None else None, recipe.benchmark.pad_to_square,
-            recipe.benchmark.image_cache_mb)
+            recipe.benchmark.image_cache_mb, recipe.benchmark.vision_feature_cache_mb)
 
 
 def suite_results(suite: EvalSuite, items: list[CheckpointItem], tasks: list[str],
