@@ -80,12 +80,16 @@ def part_mfu(cfg) -> dict[str, Any]:
     peak = run_child("bench.train_speed", ["peak", "--sizes", sizes, "--threads", str(cfg.threads)],
                      cfg.workdir / "children" / "peak.json", cfg.threads, log=cfg.log)
     steps = []
-    for autocast in ("none", "bf16"):
-        _say(f"mfu: mcit steps with autocast {autocast}, FLOPs counted")
-        args = ["mcit", "--task", cfg.train_task, "--steps", str(cfg.train_steps), "--batch", str(cfg.batch),
-                "--warmup", str(cfg.warmup), "--autocast", autocast, "--flops", "--threads", str(cfg.threads)]
-        steps.append(run_child("bench.train_speed", args, cfg.workdir / "children" / f"mfu-{autocast}.json",
-                               cfg.threads, log=cfg.log))
+    for width in (None, cfg.mfu_width):  # the shipped base, then a random-init base with a wider language model
+        for autocast in ("none", "bf16"):
+            _say(f"mfu: mcit steps with autocast {autocast}, FLOPs counted" + (f", width {width}" if width else ""))
+            steps_n = cfg.mfu_wide_steps if width else cfg.train_steps  # a wide step is ~10x longer: MFU is a rate
+            args = ["mcit", "--task", cfg.train_task, "--steps", str(steps_n), "--batch", str(cfg.batch),
+                    "--warmup", str(cfg.warmup), "--autocast", autocast, "--flops", "--threads", str(cfg.threads)]
+            if width:
+                args += ["--width", str(width)]
+            out = cfg.workdir / "children" / f"mfu-{autocast}{f'-w{width}' if width else ''}.json"
+            steps.append(run_child("bench.train_speed", args, out, cfg.threads, log=cfg.log))
     return {"peak": peak, "steps": steps}
 
 
@@ -270,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="where the part results go and the report reads them (default bench/results/; "
                              "<workdir>/smoke with --smoke)")
-    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="the report to write (default docs/BENCHMARKS.md from bench/results/; "
+                             "<results>/BENCHMARKS.md for any other results folder, e.g. a smoke run's)")
     parser.add_argument("--threads", type=int, default=TIMED_THREADS)
     parser.add_argument("--jobs", type=int, default=2,
                         help="quality runs of seeds other than 0 side by side, one thread each (1 = in a row)")
@@ -282,13 +288,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from all, report, {', '.join(PARTS)}")
     sizes = {"train_task": "caption", "train_steps": 40, "batch": 32, "warmup": 5, "rounds": 2,
              "eval_per_task": 50, "eval_train_steps": 40, "router_samples": 120, "router_repeats": 3,
-             "router_experts": [2, 4, 6], "proto_samples": 64, "router_width": 1024,
+             "router_experts": [2, 4, 6], "proto_samples": 64, "router_width": 1024, "mfu_width": 1024, "mfu_wide_steps": 15,
              "cache_images": 40_000, "cache_unbounded_images": 2_000, "matrix_per_task": None,
              "ranking_candidates": [10, 1000], "ranking_chunks": ["8", "64", "all"]}
     if cfg.smoke:
         sizes.update({"train_steps": 4, "batch": 4, "warmup": 1, "rounds": 1, "eval_per_task": 2,
                       "eval_train_steps": 1, "router_samples": 4, "router_repeats": 1, "router_experts": [2],
-                      "proto_samples": 4, "router_width": 320, "cache_images": 64, "cache_unbounded_images": 32,
+                      "proto_samples": 4, "router_width": 320, "mfu_width": 320, "mfu_wide_steps": 4, "cache_images": 64, "cache_unbounded_images": 32,
                       "matrix_per_task": 2,
                       "ranking_candidates": [3, 20], "ranking_chunks": ["8", "all"]})
         if cfg.quality != "skip":
@@ -297,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
         setattr(cfg, key, value)
     if cfg.results is None:
         cfg.results = cfg.workdir / "smoke" if cfg.smoke else RESULTS
+    if cfg.doc is None:  # a smoke run or another results folder never rewrites the committed report
+        cfg.doc = REPO / "docs" / "BENCHMARKS.md" if cfg.results.resolve() == RESULTS.resolve() \
+            else cfg.results / "BENCHMARKS.md"
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     cfg.results.mkdir(parents=True, exist_ok=True)
     cfg.log = cfg.workdir / "children.log"
