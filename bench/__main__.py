@@ -80,16 +80,20 @@ def part_mfu(cfg) -> dict[str, Any]:
     peak = run_child("bench.train_speed", ["peak", "--sizes", sizes, "--threads", str(cfg.threads)],
                      cfg.workdir / "children" / "peak.json", cfg.threads, log=cfg.log)
     steps = []
-    for width in (None, cfg.mfu_width):  # the shipped base, then a random-init base with a wider language model
-        for autocast in ("none", "bf16"):
-            _say(f"mfu: mcit steps with autocast {autocast}, FLOPs counted" + (f", width {width}" if width else ""))
-            steps_n = cfg.mfu_wide_steps if width else cfg.train_steps  # a wide step is ~10x longer: MFU is a rate
-            args = ["mcit", "--task", cfg.train_task, "--steps", str(steps_n), "--batch", str(cfg.batch),
-                    "--warmup", str(cfg.warmup), "--autocast", autocast, "--flops", "--threads", str(cfg.threads)]
-            if width:
-                args += ["--width", str(width)]
-            out = cfg.workdir / "children" / f"mfu-{autocast}{f'-w{width}' if width else ''}.json"
-            steps.append(run_child("bench.train_speed", args, out, cfg.threads, log=cfg.log))
+    # the shipped base, then a random-init base with a wider language model; there also bf16 with packed dropout masks
+    plan = [(None, "none", "bernoulli"), (None, "bf16", "bernoulli"), (cfg.mfu_width, "none", "bernoulli"),
+            (cfg.mfu_width, "bf16", "bernoulli"), (cfg.mfu_width, "bf16", "packed")]
+    for width, autocast, masks in plan:
+        _say(f"mfu: mcit steps with autocast {autocast}, {masks} masks, FLOPs counted"
+             + (f", width {width}" if width else ""))
+        steps_n = cfg.mfu_wide_steps if width else cfg.train_steps  # a wide step is ~10x longer: MFU is a rate
+        args = ["mcit", "--task", cfg.train_task, "--steps", str(steps_n), "--batch", str(cfg.batch),
+                "--warmup", str(cfg.warmup), "--autocast", autocast, "--dropout-masks", masks, "--flops",
+                "--threads", str(cfg.threads)]
+        if width:
+            args += ["--width", str(width)]
+        out = cfg.workdir / "children" / f"mfu-{autocast}-{masks}{f'-w{width}' if width else ''}.json"
+        steps.append(run_child("bench.train_speed", args, out, cfg.threads, log=cfg.log))
     return {"peak": peak, "steps": steps}
 
 

@@ -231,6 +231,7 @@ def section_mfu(data: dict | None) -> list[str]:
              "| MFU | MFU, CPU-time basis |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for step in data["steps"]:
         width = f"{step['width']} (random init)" if step.get("width") else "shipped"
+        masks = ", packed masks" if step.get("dropout_masks") == "packed" else ""
         dtype = "bf16" if step["autocast"] == "bf16" else "fp32"
         achieved = step["flops_counted"] / step["seconds"]
         p = peak[dtype]["peak_gflops"] * 1e9
@@ -238,7 +239,7 @@ def section_mfu(data: dict | None) -> list[str]:
         # CPU-time basis: the FLOPs over the core-seconds the process actually got, as if its threads had run alone
         cpu = (f"{100 * step['flops_counted'] / (step['cpu_seconds'] / step['threads']) / p:.1f} %"
                if step.get("cpu_seconds") else "-")
-        lines.append(f"| {width} | {dtype} | {step['seconds_per_step']:.3f} | {step['flops_per_step'] / 1e9:.1f} | "
+        lines.append(f"| {width} | {dtype}{masks} | {step['seconds_per_step']:.3f} | {step['flops_per_step'] / 1e9:.1f} | "
                      f"{six / 1e9:.1f} | {achieved / 1e9:.1f} | {p / 1e9:,.0f} | **{100 * achieved / p:.1f} %** | "
                      f"{cpu} |")
     lines += ["", "Goal ≥ 50 % (the issue: at width 1024 in bf16). Machine: " + _load_line(data) + ".", ""]
