@@ -592,6 +592,18 @@ def headline(results: Path) -> list[str]:
             extra = (f" ({med[packed[0]] / med[packed[1]]:.2f}× that one with `method.lora.dropout_masks: packed`)"
                      if all(k in med for k in packed) else "")
             speed.append("training " + " and ".join(said) + extra)
+    mfu = read_json(results / "mfu.json")
+    if mfu:
+        said = []
+        for step in mfu["steps"]:
+            dtype = "bf16" if step["autocast"] == "bf16" else "fp32"
+            value = 100 * step["flops_counted"] / step["seconds"] / (mfu["peak"][dtype]["peak_gflops"] * 1e9)
+            where = f"LM width {step['width']}" if step.get("width") else "the shipped width"
+            masks = " with packed masks" if step.get("dropout_masks") == "packed" else ""
+            if dtype == "bf16":
+                said.append(f"{value:.1f} % at {where}{masks}")
+        if said:
+            speed.append("bf16 training MFU " + ", ".join(said))
     evaluation = read_json(results / "eval.json")
     if evaluation:
         speed.append(f"batched evaluation {evaluation['speedup']:.1f}× one-at-a-time `generate` "
