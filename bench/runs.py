@@ -211,7 +211,8 @@ def base_weights(model: str) -> dict[str, Any]:
 
 def quality(models: list[str], methods: list[str], seeds: list[int], size: str, out: Path, *,
             workdir: Path = DEFAULT_WORKDIR, threads: int = 1, jobs: int = 1,
-            collect_only: bool = False, resume: bool = False) -> dict[str, Any]:
+            collect_only: bool = False, resume: bool = False,
+            stop_after: float | None = None) -> dict[str, Any]:
     """Every model x method x seed at `size` (finished runs in `workdir` are reused), merged into the result file
     `out`: rows of other models, sizes or methods already there are kept, so the file collects several invocations
     (e.g. the `small` table of two bases and `full` runs of one). The file is rewritten after each run.
@@ -221,7 +222,8 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
 
     `collect_only`: add the finished runs of the plan to `out` and start none (e.g. runs finished by another
     invocation that wrote elsewhere, or by one that was stopped). `resume`: continue half-finished runs in place
-    (see `run_method`)."""
+    (see `run_method`). `stop_after`: minutes after which no further run starts (runs already going finish), so a long
+    table runs in parts of bounded length; the next invocation of the same command carries on."""
     data = read_json(out) or {"runs": []}
     records = {_key(r): r for r in data.get("runs", [])}
     bases = dict(data.get("bases", {}))
@@ -240,6 +242,10 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
                          "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
 
     def one(model: str, method: str, seed: int) -> None:
+        finished = is_finished(run_folder(workdir, size, method, seed, model))
+        if stop_after is not None and not finished and time.time() - started > 60 * stop_after:
+            _say(f"{size}: {method} on {model}, seed {seed} not started (--stop-after {stop_after:g} min)")
+            return
         _say(f"{size}: {method} on {model}, seed {seed}")
         t0 = time.time()
         try:
@@ -353,6 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     several.add_argument("--jobs", type=int, default=1, help="runs side by side")
     several.add_argument("--collect-only", action="store_true",
                          help="add the plan's finished runs to --out and start none")
+    several.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                         help="start no further run after this many minutes (runs going on finish; run the same "
+                              "command again to carry on)")
     several.add_argument("--resume", action="store_true",
                          help="continue half-finished runs in place instead of starting them again (their probe "
                               "times only the resumed part)")
@@ -369,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         quality(args.model, args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.size, args.out,
-                workdir=args.workdir, threads=args.threads, jobs=args.jobs, collect_only=args.collect_only, resume=args.resume)
+                workdir=args.workdir, threads=args.threads, jobs=args.jobs, collect_only=args.collect_only, resume=args.resume, stop_after=args.stop_after)
         print("\n".join(table(read_json(args.out))))
     else:
         data = read_json(args.result)

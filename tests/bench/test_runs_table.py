@@ -78,3 +78,33 @@ def test_resume_continues_a_half_finished_run_in_place(tmp_path, monkeypatch):
     (other / "checkpoints").mkdir(parents=True)
     runs.quality(["builtin:tiny-llava"], ["hide"], [0], "tiny", tmp_path / "out.json", workdir=tmp_path)
     assert len(list(other.parent.glob("hide-s0.stale-*"))) == 1  # without resume: moved aside, started clean
+
+
+def test_stop_after_starts_no_run_once_its_minutes_are_spent(tmp_path, monkeypatch):
+    import json
+
+    from bench import runs
+
+    clock = [1000.0]
+    started = []
+
+    def child(module, args, probe, threads, **kwargs):  # each run takes 30 minutes of the fake clock
+        folder = probe.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        started.append(folder.name)
+        clock[0] += 30 * 60
+        (folder / "results.json").write_text(json.dumps({"tasks": ["a"], "stages": ["a"], "matrix": [[0.0], [1.0]],
+                                                         "metrics": {"MFN": 1.0}}))
+        probe.write_text("{}")
+
+    monkeypatch.setattr(runs, "run_child", child)
+    monkeypatch.setattr(runs, "base_weights", lambda model: {"folder": model})
+    monkeypatch.setattr(runs.time, "time", lambda: clock[0])
+    out = tmp_path / "out.json"
+    data = runs.quality(["builtin:tiny-llava"], ["lora_ft", "disco"], [0, 1], "tiny", out, workdir=tmp_path,
+                        stop_after=45)
+    assert started == ["lora_ft-s0", "disco-s0"]  # the third would start at minute 60
+    assert len(data["runs"]) == 2
+    data = runs.quality(["builtin:tiny-llava"], ["lora_ft", "disco"], [0, 1], "tiny", out, workdir=tmp_path,
+                        stop_after=45)  # the next part: finished runs reused, two more started
+    assert started[2:] == ["lora_ft-s1", "disco-s1"] and len(data["runs"]) == 4
