@@ -25,6 +25,8 @@ from mcit.report.summary import (
     forgetting_kinds,
     label_runs,
     last_router_confusion,
+    mean_sd,
+    seed_groups,
     load_run,
     prediction_examples,
     router_accuracy,
@@ -291,6 +293,18 @@ def _asd_section(doc: Document, run: Run, level: int) -> None:
         doc.para("Skipped: " + "; ".join(f"{reason} {n}" for reason, n in sorted(table.reasons.items())) + ".")
 
 
+def _seed(run: Run) -> str:
+    seed = run.results.get("seed")
+    return str(seed) if isinstance(seed, int) else "—"
+
+
+def _pm(values: list) -> str:
+    mean, sd, n = mean_sd(values)
+    if mean is None:
+        return "—"
+    return fmt(mean) if sd is None else f"{fmt(mean)} ± {fmt(sd)}"
+
+
 def _comparison_section(doc: Document, runs: list[Run]) -> None:
     rows = [comparison_values(r) for r in runs]
     doc.heading(2, "Comparison")
@@ -302,8 +316,23 @@ def _comparison_section(doc: Document, runs: list[Run]) -> None:
         "(closed-answer tasks only; format-independent, so a constrained BWT near 0 means the knowledge is still "
         "there). Router accuracy and the constrained columns are not drawn in the chart."
     )
-    header = ["method", *COMPARISON, "Δ superficial", "constrained MFN", "constrained BWT", "router accuracy"]
-    doc.table(header, [[r.label, *(fmt(row[k]) for k in header[1:])] for r, row in zip(runs, rows)])
+    header = ["method", "seed", *COMPARISON, "Δ superficial", "constrained MFN", "constrained BWT", "router accuracy"]
+    doc.table(header, [[r.label, _seed(r), *(fmt(row[k]) for k in header[2:])]
+                       for r, row in zip(runs, rows)])
+    groups = [g for g in seed_groups(runs) if len(g) > 1]
+    if groups:
+        doc.heading(3, "Over seeds")
+        doc.para("Runs whose recipes differ only in `seed` (and where they were written) are one setting: mean ± "
+                 "sample standard deviation over its seeds, from the per-run rows above.")
+        keys = [*COMPARISON, "constrained MFN", "router accuracy"]
+        by_run = {id(r): row for r, row in zip(runs, rows)}
+        methods = [str(g[0].results.get("method")) for g in groups]
+        table = []
+        for group, method in zip(groups, methods):
+            label = method if methods.count(method) == 1 else f"{method} ({', '.join(r.path.name for r in group)})"
+            seeds = ", ".join(_seed(r) for r in group)
+            table.append([label, seeds, *(_pm([by_run[id(r)][k] for r in group]) for k in keys)])
+        doc.table(["method", "seeds", *keys], table)
     doc.image(
         plots.method_comparison(
             [r.label for r in runs],

@@ -159,6 +159,45 @@ def load_suites(folder: Path) -> tuple[dict[str, dict], list[str]]:
     return suites, problems
 
 
+SETTINGS_IGNORED = ("seed", "output_dir", "name", "description", "source")
+"""Recipe keys that do not make two runs different settings: runs equal in every other key are seeds of one setting."""
+
+
+def settings_key(run: Run) -> str:
+    """What a run was trained with, less its seed and where it was written: the run folder's recipe.yaml with every
+    default filled in (a recipe saved before a key existed equals one that states its default) and without
+    `SETTINGS_IGNORED`; a folder without a readable recipe falls back to its recipe name and method."""
+    import dataclasses
+
+    from mcit.config import load_recipe
+
+    recipe_file = RunFolder(run.path).recipe
+    try:
+        settings = dataclasses.asdict(load_recipe(recipe_file, settings_only=True))
+    except Exception:  # noqa: BLE001 - no recipe, or one this version cannot read: compare by name
+        return json.dumps([run.results.get("recipe"), run.results.get("method")])
+    return json.dumps({k: v for k, v in settings.items() if k not in SETTINGS_IGNORED}, sort_keys=True, default=str)
+
+
+def seed_groups(runs: list[Run]) -> list[list[Run]]:
+    """The runs grouped by `settings_key`, in order of first appearance (a group of several = seeds of one setting)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(settings_key(run), []).append(run)
+    return list(groups.values())
+
+
+def mean_sd(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample standard deviation of the finite values, and how many there were (sd None below 2)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None, None, 0
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return mean, None, len(finite)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)), len(finite)
+
+
 def label_runs(runs: list[Run]) -> None:
     """Label = method name; runs sharing a method (seeds, ablations) get their folder name appended."""
     methods = [str(r.results.get("method") or r.path.name) for r in runs]

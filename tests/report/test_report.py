@@ -231,12 +231,12 @@ def test_multi_run_comparison_lists_both_methods(tmp_path: Path) -> None:
     md_path = write_report([a, b], tmp_path / "cmp")
     md = md_path.read_text()
     table = md_tables(md)["Comparison"]
-    assert table[0][:3] == ["method", "MFT", "MFN"] and table[0][-1] == "router accuracy"
+    assert table[0][:4] == ["method", "seed", "MFT", "MFN"] and table[0][-1] == "router accuracy"
     by_method = {row[0]: row for row in table[1:]}
     assert set(by_method) == {"lora_ft", "ewc"}
     for name, run in (("lora_ft", a), ("ewc", b)):
         metrics = json.loads((run / "results.json").read_text())["metrics"]
-        assert by_method[name][1:4] == [fmt(metrics["MFT"]), fmt(metrics["MFN"]), fmt(metrics["MAA"])]
+        assert by_method[name][2:5] == [fmt(metrics["MFT"]), fmt(metrics["MFN"]), fmt(metrics["MAA"])]
     assert by_method["lora_ft"][-1] == "93.25" and by_method["ewc"][-1] == "—"
     c_mfn, c_bwt = table[0].index("constrained MFN"), table[0].index("constrained BWT")
     # tasks 0, 1 (first trained at stages 1, 2) before the last stage 3: wrong-format rise since their own stage
@@ -253,6 +253,33 @@ def test_same_method_twice_is_disambiguated_by_folder(tmp_path: Path) -> None:
     runs = [make_run(tmp_path, "seed0"), make_run(tmp_path, "seed1")]
     table = md_tables(write_report(runs, tmp_path / "cmp").read_text())["Comparison"]
     assert [row[0] for row in table[1:]] == ["lora_ft (seed0)", "lora_ft (seed1)"]
+
+
+def _recipe(run: Path, seed: int, **extra) -> None:
+    import yaml
+
+    data = {"name": "synthcit-lora_ft", "seed": seed, "output_dir": str(run), "method": {"name": "lora_ft"},
+            "train": {"lr": 0.003, **extra}}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(data))
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "seed": seed}))
+
+
+def test_seeds_of_one_setting_are_averaged_and_other_settings_kept_apart(tmp_path: Path) -> None:
+    worse = [[v - 6.0 if s == 3 else v for v in row] for s, row in enumerate(MATRIX)]
+    runs = [make_run(tmp_path, "s0"), make_run(tmp_path, "s1", matrix=worse), make_run(tmp_path, "s2"),
+            make_run(tmp_path, "lr")]
+    for k, run in enumerate(runs[:3]):
+        _recipe(run, k)
+    _recipe(runs[3], 0, epochs=9)  # another setting of the same method: never averaged with the seeds
+    tables = md_tables(write_report(runs, tmp_path / "cmp").read_text())
+    assert [row[1] for row in tables["Comparison"][1:]] == ["0", "1", "2", "0"]
+    over = tables["Over seeds"]
+    assert len(over) == 2 and over[1][:2] == ["lora_ft", "0, 1, 2"]
+    mfn = [json.loads((r / "results.json").read_text())["metrics"]["MFN"] for r in runs[:3]]
+    mean = sum(mfn) / 3
+    sd = (sum((v - mean) ** 2 for v in mfn) / 2) ** 0.5
+    assert over[1][over[0].index("MFN")] == f"{fmt(mean)} ± {fmt(sd)}" and sd > 0
 
 
 def test_missing_optional_parts_are_skipped(tmp_path: Path) -> None:
