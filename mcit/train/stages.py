@@ -39,9 +39,10 @@ def stage_meta(folder: Path) -> dict:
     return json.loads((Path(folder) / METHOD_META).read_text(encoding="utf-8"))
 
 
-def load_stage(model, method: Method, folder: Path) -> None:
-    """Load a stage checkpoint into `model` (structure already rebuilt by `prepare`) and `method`."""
-    meta = stage_meta(folder)
+def load_stage(model, method: Method, folder: Path, meta: dict | None = None) -> None:
+    """Load a stage checkpoint into `model` (structure already rebuilt by `prepare`) and `method`. `meta`: the
+    folder's `stage_meta`, when the caller has just verified it (a large checkpoint is then hashed once, not twice)."""
+    meta = stage_meta(folder) if meta is None else meta
     method.load_state(meta.get("state", {}), load_tensors(folder / "method.safetensors"))
     tensors = load_tensors(folder / "model.safetensors")
     params = dict(model.named_parameters())

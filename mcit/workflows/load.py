@@ -152,14 +152,15 @@ def attach_method(method: Method, model, processor, recipe: Recipe, data: TaskDa
 def rebuild_stage(folder: Path, recipe: Recipe):
     """(model, processor, method) as the runner left them after the stage in `folder`: attach the method, prepare
     every stage up to it, load the stage's tensors."""
-    stage = int(stage_meta(folder)["stage"]) - 1
+    meta = stage_meta(folder)  # verified before the base model is built: a damaged folder fails fast
+    stage = int(meta["stage"]) - 1
     method = build_method(recipe)
     model, processor = load_base(recipe.model)
     model = attach_method(method, model, processor, recipe, TaskData([], {}, {}))
     names = _run_task_names(folder)
     for s, ids in enumerate(method.schedule(len(names))[:stage + 1]):
         method.prepare(model, s, ids)
-    load_stage(model, method, folder)
+    load_stage(model, method, folder, meta)
     return model, processor, method
 
 

@@ -5,6 +5,7 @@ whose files do not match its manifest (sizes and SHA-256) is refused with an err
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 from pathlib import Path
 
@@ -205,3 +206,18 @@ def test_mcit_eval_refuses_a_damaged_stage_checkpoint(run_copy, damage, capsys) 
     assert code == 2 and len(err) == 1 and err[0].startswith("mcit eval: error: ")
     assert "adapter/adapter_model.safetensors" in err[0]
     assert not (out / "eval").exists() and not (stage / "eval-synthcit-mini").exists()
+
+
+def test_rebuilding_a_stage_hashes_each_file_once(run_copy, monkeypatch) -> None:
+    import mcit.runs.checkpoint as ckpt
+    from mcit.config import load_recipe
+    from mcit.workflows.load import rebuild_stage
+
+    out, _ = run_copy
+    stage = out / "checkpoints" / "stage-02-mc-color"
+    hashed: list[str] = []
+    real = ckpt.sha256
+    monkeypatch.setattr(ckpt, "sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    rebuild_stage(stage, load_recipe(out / "recipe.yaml"))
+    files = json.loads((stage / ckpt.MANIFEST).read_text())["files"]
+    assert sorted(hashed) == sorted(Path(name).name for name in files)  # each file once, none twice
