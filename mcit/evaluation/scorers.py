@@ -330,8 +330,11 @@ class Caption(Scorer):
 
         require_java("caption")
         raw_refs = {i: caption_references(i, r, m) for i, (r, m) in enumerate(zip(references, metas))}
-        gts = ptb_tokenize(raw_refs)
-        res = ptb_tokenize({i: [p] for i, p in enumerate(predictions)})
+        # one java start for both sides (each line is tokenised on its own, so nothing changes by sharing the call)
+        tokens = ptb_tokenize({**{("ref", i): refs for i, refs in raw_refs.items()},
+                               **{("pred", i): [p] for i, p in enumerate(predictions)}})
+        gts = {i: tokens[("ref", i)] for i in raw_refs}
+        res = {i: tokens[("pred", i)] for i in range(len(predictions))}
         for i, refs in gts.items():
             gts[i] = [r for r in refs if r]
             if not gts[i]:

@@ -341,6 +341,17 @@ def test_caption_scores_equal_pycocoevalcap_on_the_same_tokens():
         == pytest.approx(expected_mean)
 
 
+def test_caption_tokenises_both_sides_in_one_java_call(monkeypatch):
+    calls = []
+    real = PTBTokenizer.tokenize
+    monkeypatch.setattr(PTBTokenizer, "tokenize", lambda self, captions: calls.append(len(captions))
+                        or real(self, captions))
+    result = get_scorer("caption", meteor=False)(CAPTION_PREDS, CAPTION_REFS)
+    assert calls == [2 * len(CAPTION_PREDS) + 1]  # references, predictions and the end marker together
+    gts, res = _coco(CAPTION_PREDS, [[r] for r in CAPTION_REFS])
+    assert result.score == pytest.approx(100 * Cider().compute_score(gts, res)[0])
+
+
 def test_caption_uses_several_references_from_meta():
     many = [["a red circle on the left", "a circle that is red"], ["two blue squares"], ["a dog on grass"], ["a star"]]
     metas = [{"references": refs} for refs in many]
