@@ -127,3 +127,18 @@ def test_the_recipe_key_sets_the_budget_and_refuses_a_negative_one(tmp_path, syn
     assert PixelCache.from_recipe(None, recipe).features.max_bytes == 3 * MIB
     with pytest.raises(RecipeError, match="benchmark.vision_feature_cache_mb"):
         load_recipe(write_recipe(tmp_path / "r.yaml", synthcit_root), ["benchmark.vision_feature_cache_mb=-1"])
+
+
+def test_on_a_gpu_served_and_computed_rows_meet_on_the_model_device(tiny):
+    from tests.runtime.simulated_cuda import on_simulated_cuda, simulated_cuda
+
+    per_image = 37 * 128 * 4
+    with simulated_cuda() as mode:
+        model = LlavaForConditionalGeneration.from_pretrained(tiny.model.config._name_or_path).eval().to("cuda")
+        cached = PixelCache(tiny.processor, features=VisionFeatureCache(5 * per_image + 100))
+        candidates = [["red", "blue", "a circle", "3"]] * len(tiny.samples)
+        first = candidate_logprobs(model, tiny.encoder, tiny.samples, candidates, cached, batch_size=16)
+        again = candidate_logprobs(model, tiny.encoder, tiny.samples, candidates, cached, batch_size=16)
+        kept = next(iter(cached.features._rows.values()))
+    assert mode.mixed == [] and again == first  # 5 rows served from host memory beside 7 computed on the device
+    assert cached.features.hits == 5 and not on_simulated_cuda(next(iter(kept.values())))
