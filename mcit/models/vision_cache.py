@@ -145,7 +145,7 @@ class VisionFeatureCache:
             digest = hashlib.blake2b(digest_size=16)
             for t in tensors:
                 digest.update(str((t.dtype, tuple(t.shape))).encode())
-                digest.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             self._signature, self._digest = signature, digest.hexdigest()
         return self._digest
 

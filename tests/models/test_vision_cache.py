@@ -91,6 +91,17 @@ def test_a_model_rebuilt_from_the_same_files_keeps_the_cache(tiny):
     assert again == reference and rows == [] and cached.features.invalidations == 0
 
 
+def test_the_digest_reads_every_kind_of_tensor_a_tower_may_hold():
+    tower = torch.nn.Linear(2, 2)
+    tower.register_buffer("scale", torch.tensor(1.5))  # 0-dim, as a logit scale
+    tower.register_buffer("mask", torch.tensor([True, False]))
+    cache = VisionFeatureCache(MIB)
+    first = cache._weights_of(tower)
+    with torch.no_grad():
+        tower.scale.fill_(2.0)
+    assert cache._weights_of(tower) != first
+
+
 def test_the_budget_keeps_the_first_images_and_evicts_none(tiny):
     per_image = 37 * 128 * 4  # the selected hidden state of the tiny CLIP tower, fp32
     cached = PixelCache(tiny.processor, features=VisionFeatureCache(5 * per_image + 100))
