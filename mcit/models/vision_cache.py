@@ -99,9 +99,12 @@ class VisionFeatureCache:
             self.clear()
             self.invalidations += 1
         self._fingerprint = fingerprint
-        original = tower.forward
+        original = tower.forward  # an instance attribute already there (e.g. accelerate's dispatch hook) is kept
+        had_own = "forward" in tower.__dict__
 
         def forward(pixel_values=None, *args, **kwargs):
+            if pixel_values is None and "pixel_values" in kwargs:
+                pixel_values = kwargs.pop("pixel_values")
             selected = kwargs.get("output_hidden_states")
             layers = [selected] if isinstance(selected, int) and not isinstance(selected, bool) else selected
             if (args or pixel_values is None or pixel_values.shape[0] != len(keys) or not isinstance(layers, list)
@@ -113,7 +116,10 @@ class VisionFeatureCache:
         try:
             yield
         finally:
-            del tower.forward  # the instance attribute goes; the class's forward is back
+            if had_own:
+                tower.forward = original
+            else:
+                del tower.forward  # the instance attribute goes; the class's forward is back
 
     def _tower(self, model) -> torch.nn.Module | None:
         from mcit.models.families import family_of

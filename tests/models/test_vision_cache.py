@@ -91,6 +91,24 @@ def test_a_model_rebuilt_from_the_same_files_keeps_the_cache(tiny):
     assert again == reference and rows == [] and cached.features.invalidations == 0
 
 
+def test_a_forward_wrapper_already_on_the_tower_is_kept(tiny):
+    tower = tiny.model.model.vision_tower
+    calls = []
+    wrapped = tower.forward
+
+    def dispatch_hook(*args, **kwargs):  # as accelerate's device-map hook sits on a module
+        calls.append(1)
+        return wrapped(*args, **kwargs)
+
+    tower.forward = dispatch_hook
+    try:
+        cached = PixelCache(tiny.processor, features=VisionFeatureCache(64 * MIB))
+        scores(tiny, cached, tiny.samples[:3])
+        assert calls and tower.__dict__["forward"] is dispatch_hook  # ran through it, and it is still there after
+    finally:
+        del tower.forward
+
+
 def test_the_digest_reads_every_kind_of_tensor_a_tower_may_hold():
     tower = torch.nn.Linear(2, 2)
     tower.register_buffer("scale", torch.tensor(1.5))  # 0-dim, as a logit scale
