@@ -27,7 +27,6 @@ from mcit.config import BenchmarkConfig, Recipe
 from mcit.data.images import decode_image
 from mcit.data.records import IMAGE_PREFIX, IMAGE_TOKEN, Sample
 from mcit.errors import DataError, RecipeError
-from mcit.models.vision_cache import VisionFeatureCache
 
 IGNORE_INDEX = -100
 TEXT_TOKENS = 512
@@ -345,7 +344,7 @@ class PixelCache:
 
     def __init__(self, processor, max_bytes: int | None = None, *,
                  decode: Callable[[str], Image.Image] = decode_image, pad_to_square: bool = False,
-                 features: VisionFeatureCache | None = None):
+                 features=None):
         if max_bytes is None:
             max_bytes = BenchmarkConfig.image_cache_mb * MIB
         if max_bytes < 0:
@@ -357,8 +356,9 @@ class PixelCache:
         """Paste each image in the centre of a square filled with the processor's mean colour before preprocessing
         (LLaVA-1.5's `image_aspect_ratio: pad`), so nothing is cropped away (`benchmark.pad_to_square`)."""
         self.features = features
-        """The vision tower's features of these images, kept across checkpoints by the evaluation (None: off); keyed
-        by path like the pixels, so one feature cache belongs to one pixel cache (one processor and padding)."""
+        """The vision tower's features of these images (a `mcit.models.vision_cache.VisionFeatureCache`, which the
+        evaluation workflows attach: `mcit.workflows.load.eval_pixels`), kept across checkpoints; None: off. Keyed by
+        path like the pixels, so one feature cache belongs to one pixel cache (one processor and padding)."""
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.bytes_used = 0
         """Bytes of the pixel tensors held now (each held tensor owns its storage: see `_keep`)."""
@@ -370,10 +370,8 @@ class PixelCache:
 
     @classmethod
     def from_recipe(cls, processor, recipe: Recipe) -> PixelCache:
-        """The cache of a run: `benchmark.image_cache_mb` MiB of pixels and `benchmark.vision_feature_cache_mb` MiB of
-        vision features."""
-        return cls(processor, recipe.benchmark.image_cache_mb * MIB, pad_to_square=recipe.benchmark.pad_to_square,
-                   features=VisionFeatureCache(recipe.benchmark.vision_feature_cache_mb * MIB))
+        """The cache of a run: `benchmark.image_cache_mb` MiB."""
+        return cls(processor, recipe.benchmark.image_cache_mb * MIB, pad_to_square=recipe.benchmark.pad_to_square)
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -25,11 +25,11 @@ from mcit.report.summary import (
     forgetting_kinds,
     label_runs,
     last_router_confusion,
-    mean_sd,
-    seed_groups,
     load_run,
+    mean_sd,
     prediction_examples,
     router_accuracy,
+    seed_groups,
     summary_line,
 )
 from mcit.runs.folder import RunFolder

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from mcit.config import load_recipe
-from mcit.data.collate import Encoder, PixelCache
+from mcit.data.collate import Encoder
 from mcit.evaluation.evaluate import evaluate_tasks
 from mcit.runs.folder import RunFolder, has_stage_state
 from mcit.runs.results import checkpoint_results
 from mcit.runtime.files import write_json_atomic
-from mcit.workflows.load import align_boxes, load_checkpoint, load_test_data, prepare_card
+from mcit.workflows.load import align_boxes, eval_pixels, load_checkpoint, load_test_data, prepare_card
 
 
 def default_output(checkpoint: Path, card: str) -> Path:
@@ -42,7 +42,7 @@ def evaluate_checkpoint(checkpoint: str, benchmark: str, *, tasks: list[str] | N
     encoder = Encoder.from_recipe(processor, recipe)
     out = Path(output_dir) if output_dir else default_output(Path(checkpoint), card.name)
     out.mkdir(parents=True, exist_ok=True)
-    pixels = PixelCache.from_recipe(processor, recipe)
+    pixels = eval_pixels(processor, recipe)
     rows = evaluate_tasks(model, method, encoder, pixels, card.tasks, test, batch_size=batch_size,
                           max_new_tokens=recipe.eval.max_new_tokens, autocast=recipe.model.autocast,
                           constrained=constrained, predictions_dir=out / "predictions",

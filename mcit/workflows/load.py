@@ -22,11 +22,13 @@ from mcit.data import synthcit
 from mcit.data.asd import ASDStats, build_rewriter, diversify_with_stats
 from mcit.data.boxes import align_box_answers, seen_frame
 from mcit.data.cards import DataCard, load_card
+from mcit.data.collate import MIB, PixelCache
 from mcit.data.images import probe_image
 from mcit.data.validate import filter_valid, validate_card
 from mcit.errors import CheckpointError, DataError
 from mcit.methods.base import Checkpoint, Method, RunContext, TaskData, build_method
 from mcit.models.loading import load_base
+from mcit.models.vision_cache import VisionFeatureCache
 from mcit.runs.folder import METHOD_META, RunFolder, has_stage_state
 from mcit.runtime.seeding import seed_everything
 from mcit.train import deepspeed as ds
@@ -135,6 +137,14 @@ def align_boxes(card: DataCard, recipe: Recipe, processor, *splits: dict[str, li
         counts[task.name] = sum(align_box_answers(split.get(task.name, []), spec.box_frame, target, size)
                                 for split in splits)
     return counts
+
+
+def eval_pixels(processor, recipe: Recipe) -> PixelCache:
+    """The pixel cache of an evaluation (`benchmark.image_cache_mb`) carrying the vision feature cache
+    (`benchmark.vision_feature_cache_mb`), so each test image goes through a frozen tower once across checkpoints."""
+    pixels = PixelCache.from_recipe(processor, recipe)
+    pixels.features = VisionFeatureCache(recipe.benchmark.vision_feature_cache_mb * MIB)
+    return pixels
 
 
 def build_model(recipe: Recipe, ds_config: dict | None = None):

@@ -33,7 +33,7 @@ from mcit.report.render import Document, fmt
 from mcit.runs.folder import RunFolder
 from mcit.runtime import dist, failpoints
 from mcit.runtime.files import write_json_atomic, write_text_atomic
-from mcit.workflows.load import CheckpointLoader, align_boxes, exported_stage
+from mcit.workflows.load import CheckpointLoader, align_boxes, eval_pixels, exported_stage
 
 COLUMNS = {"score": "score", "format": "format_rate", "superficial": "superficial", "essential": "essential",
            "constrained": "constrained"}
@@ -204,7 +204,10 @@ def evaluate_cells(items: list[CheckpointItem], resolved: list[tuple[DataCard, s
         timing.load_seconds, timing.advanced = time.perf_counter() - t0, loaded.advanced
         t0 = time.perf_counter()
         encoder = Encoder.from_recipe(processor, recipe)
-        pixels = caches.setdefault(_pixel_key(processor, recipe), PixelCache.from_recipe(processor, recipe))
+        key = _pixel_key(processor, recipe)
+        if key not in caches:
+            caches[key] = eval_pixels(processor, recipe)
+        pixels = caches[key]
         before = (pixels.features.hits, pixels.features.misses) if pixels.features else (0, 0)
         for card, task in resolved:
             if done[task] is not None:

@@ -21,7 +21,7 @@ import torch
 
 from mcit.config import Recipe, TrainConfig
 from mcit.data.cards import DataCard
-from mcit.data.collate import Encoder, PixelCache
+from mcit.data.collate import Encoder
 from mcit.errors import RecipeError
 from mcit.evaluation.evaluate import evaluate_tasks
 from mcit.evaluation.metrics import continual_metrics, matrix_to_markdown, metrics_to_markdown
@@ -38,7 +38,7 @@ from mcit.runtime.seeding import seed_everything
 from mcit.train import deepspeed as ds
 from mcit.train.loop import StageTrainer
 from mcit.train.stages import load_stage, save_stage
-from mcit.workflows.load import align_boxes, attach_method, build_model, load_task_data, prepare_card
+from mcit.workflows.load import align_boxes, attach_method, build_model, eval_pixels, load_task_data, prepare_card
 
 DEEPSPEED_TEMPLATES = ("zero2", "zero3", "zero3_offload")
 
@@ -163,7 +163,7 @@ class ContinualRunner:
         log({"event": "zero", "stage": ds.zero_stage_of(ds_config), "parameters": len(base_params),
              "partitioned_parameters": sum(zero.is_sharded(p) for p in base_params)})
         encoder = Encoder.from_recipe(processor, recipe)
-        pixels = PixelCache.from_recipe(processor, recipe)
+        pixels = eval_pixels(processor, recipe)
         model = attach_method(method, model, processor, recipe, data, output_dir=self.out)
         log({"event": "model", **trainable_summary(model)})
         schedule = method.schedule(len(data.names))

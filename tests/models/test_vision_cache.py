@@ -152,8 +152,11 @@ def test_a_tiled_family_is_left_alone(synthcit_root):
 
 
 def test_the_recipe_key_sets_the_budget_and_refuses_a_negative_one(tmp_path, synthcit_root):
+    from mcit.workflows.load import eval_pixels
+
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", synthcit_root), ["benchmark.vision_feature_cache_mb=3"])
-    assert PixelCache.from_recipe(None, recipe).features.max_bytes == 3 * MIB
+    assert eval_pixels(None, recipe).features.max_bytes == 3 * MIB
+    assert PixelCache.from_recipe(None, recipe).features is None  # training's batches never read features
     with pytest.raises(RecipeError, match="benchmark.vision_feature_cache_mb"):
         load_recipe(write_recipe(tmp_path / "r.yaml", synthcit_root), ["benchmark.vision_feature_cache_mb=-1"])
 
