@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, fill_block, read_json
+from mcit.report.summary import mean_sd
 
 FINDINGS = Path(__file__).resolve().parent / "FINDINGS.md"
 
@@ -53,18 +54,11 @@ def _mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.2f}"
 
 
-def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
 def _pm(values: list[float | None]) -> str:
-    mean, sd = _mean_sd(values)
+    mean, sd, _ = mean_sd(values)  # the same mean ± sd as `mcit report`'s seeds table
     if mean is None:
         return "-"
-    return f"{mean:.1f}" if sum(v is not None for v in values) == 1 else f"{mean:.1f} ± {sd:.1f}"
+    return f"{mean:.1f}" if sd is None else f"{mean:.1f} ± {sd:.1f}"
 
 
 def _others(run: dict) -> str:

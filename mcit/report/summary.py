@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,10 +193,7 @@ def mean_sd(values: list[float | None]) -> tuple[float | None, float | None, int
     finite = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return None, None, 0
-    mean = sum(finite) / len(finite)
-    if len(finite) < 2:
-        return mean, None, len(finite)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)), len(finite)
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else None), len(finite)
 
 
 def label_runs(runs: list[Run]) -> None:
