@@ -261,7 +261,8 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
 
     for model in models:
         bases[model] = base_weights(model)
-    plan = [(model, method, seed) for model in models for seed in seeds for method in methods]
+    # method-major: a part cut short by --stop-after leaves whole methods done rather than one seed of each
+    plan = [(model, method, seed) for model in models for method in methods for seed in seeds]
     if collect_only:
         plan = [job for job in plan if is_finished(run_folder(workdir, size, job[1], job[2], job[0]))]
     runs = any(not is_finished(run_folder(workdir, size, method, seed, model)) for model, method, seed in plan)
