@@ -42,8 +42,8 @@ from bench.common import (
     write_json,
 )
 
-METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "sefe", "mr_lora", "cl_moe",
-           "modalprompt", "keeplora", "smolora")
+METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "asd_only", "sefe", "mr_lora",
+           "cl_moe", "modalprompt", "keeplora", "smolora")
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "seeds": [0, 1, 2]},
     "small": {"overrides": ["benchmark.max_train=128", "benchmark.max_test=24"], "seeds": [0, 1, 2]},
