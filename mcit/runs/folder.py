@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from mcit.config import Recipe, save_recipe
+from mcit.config import Recipe, recipe_from_dict, save_recipe
 from mcit.errors import RecipeError
 from mcit.runs.checkpoint import MANIFEST, clean_stale
 from mcit.runtime import dist
@@ -170,6 +170,10 @@ class RunFolder:
         current = recipe.to_dict()
         current.pop("source", None)
         previous = yaml.safe_load(self.recipe.read_text(encoding="utf-8")) or {}
+        try:  # a key added to the recipe schema after this run started takes its default on both sides
+            previous = recipe_from_dict(dict(previous), where=str(self.recipe)).to_dict()
+        except RecipeError:  # a file this version cannot read: compared as written, so the refusal names the keys
+            pass
         previous.pop("source", None)
         if previous != current:
             changed = sorted(_diff_keys(previous, current))

@@ -99,6 +99,20 @@ def test_claim_refuses_another_recipe_naming_the_changed_keys(tmp_path):
     assert run.recipe.read_text() == saved  # the run's own recipe stays
 
 
+def test_claim_fills_keys_added_to_the_schema_after_the_run_started(tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    run = RunFolder(out)
+    run.claim(_recipe(out), {})
+    older = yaml.safe_load(run.recipe.read_text())
+    del older["benchmark"]["vision_feature_cache_mb"]  # the key a later version added, with its default
+    run.recipe.write_text(yaml.safe_dump(older, sort_keys=False))
+    run.claim(_recipe(out), {})  # resuming under the newer version: the same recipe
+    with pytest.raises(RecipeError, match=r"\(changed: train\.lr\)"):
+        run.claim(_recipe(out, lr=5e-4), {})
+
+
 def test_prediction_dirs_map_rows_to_their_folders(tmp_path):
     run = RunFolder(tmp_path)
     for row in (0, 2, 11):
