@@ -658,10 +658,11 @@ def write_report(results: Path, doc: Path, readme: Path | None = None) -> Path:
         lines += ["**Smoke run (minimal sizes): these numbers check the plumbing and mean nothing.**", ""]
     lines += ["## Reproduce", "", "```bash",
               "bash scripts/setup.sh && source .venv/bin/activate",
-              "python -m bench report                       # rewrite this file from the committed results",
+              "python -m bench report                       # rewrite this file, the README block and the method docs' tables",
               "python -m bench                              # measure all parts again, quality `small`: 39 min on 2 free cores",
               "python -m bench train mfu eval matrix router # sections 1-4 alone",
-              "python -m bench quality --quality full       # the quality table at full size (9 methods x 3 seeds)",
+              "python -m bench.runs quality --model builtin:tiny-llava --methods all --size full --seeds 0,1,2 --resume \\",
+              "    --jobs 2 --stop-after 50 --out bench/results/quality-methods.json  # section 6 `full`, in parts: repeat",
               "python -m bench image_cache                  # section 7 alone (40,000 images through the image cache)",
               "python -m bench.memory_estimate              # the 7B memory/time estimates of docs/DISTRIBUTED.md",
               "```", "",
@@ -686,6 +687,9 @@ def write_report(results: Path, doc: Path, readme: Path | None = None) -> Path:
     lines += section_ranking(part["ranking"])
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    if readme is not None:
+    if readme is not None:  # the committed report: the README's block and the docs' method tables go with it
+        from bench.runs import write_doc_tables
+
         fill_block(readme, *README_BLOCK, headline(results))
+        write_doc_tables(results)
     return doc

@@ -43,7 +43,11 @@ from bench.common import (
 )
 
 METHODS = ("lora_ft", "joint", "replay", "hide", "disco", "moelora", "olora", "reglora", "asd_only", "sefe", "mr_lora",
-           "cl_moe", "modalprompt", "keeplora", "smolora")
+           "cl_moe", "modalprompt", "keeplora", "smolora", "hide_top")
+# a method's recipe is recipes/synthcit/<method>.yaml; a variant is another method's recipe with overrides
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "hide_top": ("hide", ["method.expand_layers=[-1]"]),  # HiDe-LLaVA's own layout: top layer routed, the rest fused
+}
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "seeds": [0, 1, 2]},
     "small": {"overrides": ["benchmark.max_train=128", "benchmark.max_test=24"], "seeds": [0, 1, 2]},
@@ -55,7 +59,8 @@ SIZES: dict[str, dict[str, Any]] = {
 def recipe_for(method: str) -> tuple[Path, list[str]]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return REPO / "recipes" / "synthcit" / f"{method}.yaml", []
+    recipe, overrides = VARIANTS.get(method, (method, []))
+    return REPO / "recipes" / "synthcit" / f"{recipe}.yaml", list(overrides)
 
 
 # --- the child ------------------------------------------------------------------------------------------------------
@@ -281,14 +286,19 @@ def quality(models: list[str], methods: list[str], seeds: list[int], size: str, 
     return read_json(out)
 
 
-def table(data: dict[str, Any]) -> list[str]:
+def table(data: dict[str, Any], methods: tuple[str, ...] | list[str] | None = None) -> list[str]:
     """Markdown tables of a result file: per size, one row per base x method (the seeds it ran; mean ± sd over them),
-    then the final row of the accuracy matrix per task."""
+    then the final row of the accuracy matrix per task and the papers' orderings among the methods shown. `methods`:
+    only these (in this order); default every method of the file."""
     from bench.report import _claim_rows, _pm, _value
 
+    runs = data["runs"]
+    if methods is not None:
+        order = {m: i for i, m in enumerate(methods)}
+        runs = sorted((r for r in runs if r["method"] in order), key=lambda r: order[r["method"]])
     lines: list[str] = []
-    for size in sorted({r["size"] for r in data["runs"]}, key=lambda s: list(SIZES).index(s)):
-        rows = [r for r in data["runs"] if r["size"] == size]
+    for size in sorted({r["size"] for r in runs}, key=lambda s: list(SIZES).index(s)):
+        rows = [r for r in runs if r["size"] == size]
         groups: dict[tuple[str, str], list[dict]] = {}
         for run in rows:
             groups.setdefault((run.get("model") or "?", run["method"]), []).append(run)
@@ -334,9 +344,40 @@ def markers(block: str) -> tuple[str, str]:
     return f"<!-- {block}:begin (python -m bench.runs table) -->", f"<!-- {block}:end -->"
 
 
-def write_table(data: dict[str, Any], doc: Path, block: str = "two-architectures") -> None:
-    """Replace the lines between the block's markers in `doc` with `table(data)`."""
-    fill_block(doc, *markers(block), table(data))
+def write_table(data: dict[str, Any], doc: Path, block: str = "two-architectures",
+                methods: list[str] | None = None) -> None:
+    """Replace the lines between the block's markers in `doc` with `table(data, methods)`."""
+    fill_block(doc, *markers(block), table(data, methods))
+
+
+# The generated tables of the docs: block name -> (doc, result file, the methods it shows or None for all).
+# `python -m bench report` rewrites every one of them; tests/bench/test_report_regenerates.py checks them.
+DOC_TABLES: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
+    "methods-experts": ("docs/METHODS-EXPERTS.md", "quality-methods.json",
+                        ("lora_ft", "joint", "replay", "moelora", "hide", "hide_top", "disco")),
+    "methods-regularization": ("docs/METHODS-REGULARIZATION.md", "quality-methods.json",
+                               ("lora_ft", "olora", "reglora", "asd_only", "sefe")),
+    "methods-more": ("docs/METHODS-MORE.md", "quality-methods.json",
+                     ("lora_ft", "moelora", "olora", "hide", "disco", "mr_lora", "cl_moe", "modalprompt", "keeplora",
+                      "smolora")),
+    "two-architectures": ("docs/MODELS.md", "two-architectures.json", None),
+}
+
+
+def doc_tables(results: Path, repo: Path = REPO) -> list[tuple[Path, str, list[str]]]:
+    """(doc, block, lines) of every generated doc table, from the result files in `results`."""
+    out = []
+    for block, (doc, result, methods) in DOC_TABLES.items():
+        data = read_json(results / result)
+        if data is None:
+            raise SystemExit(f"{results / result}: missing; the {block} table of {doc} is generated from it")
+        out.append((repo / doc, block, table(data, methods)))
+    return out
+
+
+def write_doc_tables(results: Path, repo: Path = REPO) -> None:
+    for path, block, lines in doc_tables(results, repo):
+        fill_block(path, *markers(block), lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     several = modes.add_parser("quality", help="methods x seeds on each --model, into one result file")
     several.add_argument("--model", action="append", required=True,
                          help="a base model (builtin:tiny-qwen2vl, a folder); repeat for several")
-    several.add_argument("--methods", default="lora_ft,disco,sefe")
+    several.add_argument("--methods", default="lora_ft,disco,sefe", help="comma-separated, or `all`")
     several.add_argument("--seeds", default="0")
     several.add_argument("--size", default="small", choices=list(SIZES))
     several.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "two-architectures.json")
@@ -371,10 +412,14 @@ def main(argv: list[str] | None = None) -> None:
     render.add_argument("--doc", type=Path, default=None)
     render.add_argument("--block", default="two-architectures", help="the name in the doc's <!-- NAME:begin ... --> "
                                                                        "and <!-- NAME:end --> markers")
+    render.add_argument("--methods", default=None, help="comma-separated: only these methods (default: every one, "
+                                                        "or the block's own list in DOC_TABLES)")
     args = parser.parse_args(argv)
     if args.mode == "worker":
         worker(args.recipe, args.overrides, Path(args.out))
     elif args.mode == "quality":
+        if args.methods == "all":
+            args.methods = ",".join(METHODS)
         unknown = [m for m in args.methods.split(",") if m not in METHODS]
         if unknown:
             parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -385,10 +430,13 @@ def main(argv: list[str] | None = None) -> None:
         data = read_json(args.result)
         if data is None:
             parser.error(f"{args.result}: no such result file")
+        methods = args.methods.split(",") if args.methods else None
+        if methods is None and args.block in DOC_TABLES:
+            methods = DOC_TABLES[args.block][2]
         if args.doc:
-            write_table(data, args.doc, args.block)
+            write_table(data, args.doc, args.block, methods)
         else:
-            print("\n".join(table(data)))
+            print("\n".join(table(data, methods)))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ def _blocks():
     from bench.common import read_json
 
     docs = REPO / "docs"
-    yield docs / "METHODS-MORE.md", *runs.markers("methods-more"), runs.table(read_json(RESULTS / "quality-methods.json"))
-    yield docs / "MODELS.md", *runs.markers("two-architectures"), runs.table(read_json(RESULTS / "two-architectures.json"))
+    for doc, block, lines in runs.doc_tables(RESULTS):  # the method docs' tables (bench/runs.py DOC_TABLES)
+        yield doc, *runs.markers(block), lines
     yield docs / "DISTRIBUTED.md", gpu.BEGIN, gpu.END, gpu.render(RESULTS / "gpu-h200")
     yield (docs / "DISTRIBUTED.md", memory_estimate.BEGIN, memory_estimate.END,
            memory_estimate.render(read_json(RESULTS / "memory_estimate.json")))

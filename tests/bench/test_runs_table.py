@@ -108,3 +108,25 @@ def test_stop_after_starts_no_run_once_its_minutes_are_spent(tmp_path, monkeypat
     data = runs.quality(["builtin:tiny-llava"], ["lora_ft", "disco"], [0, 1], "tiny", out, workdir=tmp_path,
                         stop_after=45)  # the next part: finished runs reused, two more started
     assert started[2:] == ["disco-s0", "disco-s1"] and len(data["runs"]) == 4
+
+
+def test_a_doc_table_shows_only_its_methods_in_its_order_and_only_their_orderings():
+    data = {"runs": [_run("lora_ft", 0, 10.0), _run("keeplora", 0, 40.0), _run("disco", 0, 80.0)]}
+    lines = table(data, ["disco", "lora_ft"])
+    shown = [line.split("|")[2].strip() for line in lines if line.startswith("| tiny-llava |")]
+    assert shown == ["disco", "lora_ft", "disco", "lora_ft"]  # summary rows, then final-row rows
+    assert any("DISCO beats sequential LoRA" in line for line in lines)
+    assert not any("KeepLoRA" in line for line in lines)
+
+
+def test_a_variant_is_another_methods_recipe_with_overrides():
+    from bench.runs import DOC_TABLES, METHODS, recipe_for
+    from mcit.config import load_recipe
+
+    path, overrides = recipe_for("hide_top")
+    recipe = load_recipe(path, [*overrides, "output_dir=/tmp/unused"])
+    assert path.name == "hide.yaml" and recipe.method.name == "hide"
+    assert recipe.method.options["expand_layers"] == [-1]  # the paper's layout, not the recipe's `auto`
+    assert load_recipe(recipe_for("hide")[0], ["output_dir=/tmp/unused"]).method.options["expand_layers"] == "auto"
+    for doc, _result, methods in DOC_TABLES.values():  # every doc table names known methods only
+        assert methods is None or set(methods) <= set(METHODS), doc
