@@ -626,16 +626,24 @@ def headline(results: Path) -> list[str]:
         by_method: dict[str, list[dict]] = {}
         for r in rows:
             by_method.setdefault(r["method"], []).append(r)
+        top = by_method.pop("hide_top", None)  # a layout variant, said beside hide rather than ranked
         ranked = sorted(by_method.items(), key=lambda kv: -statistics.fmean(r["metrics"]["MFN"] for r in kv[1]))
-        said = [f"{m} {_pm([r['metrics']['MFN'] for r in items])}"
-                + (f" ({len(items)} seeds)" if len(items) > 1 else " (seed 0)") for m, items in ranked]
-        hide = (" HiDe's layers are chosen by CKA, as recipes/synthcit/hide.yaml does, not the paper's fixed "
-                "top-layer layout ([docs/METHODS-EXPERTS.md](docs/METHODS-EXPERTS.md) compares both)."
-                if "hide" in by_method else "")
+
+        def mfn(items: list[dict]) -> str:
+            return (_pm([r["metrics"]["MFN"] for r in items])
+                    + (f" ({len(items)} seeds)" if len(items) > 1 else f" (seed {items[0]['seed']})"))
+
+        said = [f"{m} {mfn(items)}" for m, items in ranked]
+        hide = ""
+        if "hide" in by_method:
+            hide = (" HiDe's layers are chosen by CKA, as recipes/synthcit/hide.yaml does, not the paper's fixed "
+                    "top-layer layout" + (f", which gives {mfn(top)} here (`hide_top`)" if top else "")
+                    + " ([docs/METHODS-EXPERTS.md](docs/METHODS-EXPERTS.md) compares both).")
         lines.append("- **Quality on full-size SynthCIT** (`recipes/synthcit/<method>.yaml` unchanged, 189 steps per "
-                     "task; final mean accuracy MFN over the six tasks, `bench/results/quality-methods.json`, tables "
-                     "and the papers' orderings checked in [docs/METHODS-MORE.md](docs/METHODS-MORE.md)): "
-                     + ", ".join(said) + "." + hide)
+                     "task; final mean accuracy MFN over the six tasks, `bench/results/quality-methods.json`; tables "
+                     "and the papers' orderings checked in [docs/METHODS-EXPERTS.md](docs/METHODS-EXPERTS.md), "
+                     "[docs/METHODS-REGULARIZATION.md](docs/METHODS-REGULARIZATION.md) and "
+                     "[docs/METHODS-MORE.md](docs/METHODS-MORE.md)): " + ", ".join(said) + "." + hide)
     return [textwrap.fill(line, width=120, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
             for line in lines]
 

@@ -130,3 +130,15 @@ def test_a_variant_is_another_methods_recipe_with_overrides():
     assert load_recipe(recipe_for("hide")[0], ["output_dir=/tmp/unused"]).method.options["expand_layers"] == "auto"
     for doc, _result, methods in DOC_TABLES.values():  # every doc table names known methods only
         assert methods is None or set(methods) <= set(METHODS), doc
+
+
+def test_the_readme_headline_says_the_papers_hide_layout_beside_hide_and_does_not_rank_it(tmp_path):
+    import json
+
+    from bench.report import headline
+
+    runs = [_run("lora_ft", 0, 10.0), _run("hide", 0, 70.0), _run("hide", 1, 80.0), _run("hide_top", 0, 0.5)]
+    (tmp_path / "quality-methods.json").write_text(json.dumps({"runs": runs}))
+    text = " ".join(" ".join(headline(tmp_path)).split())  # the lines are wrapped at 120 columns
+    assert "hide 75.0 ± 7.1 (2 seeds), lora_ft 10.0 (seed 0)." in text  # ranked by MFN, the variant left out
+    assert "top-layer layout, which gives 0.5 (seed 0) here (`hide_top`)" in text
