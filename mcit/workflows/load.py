@@ -25,7 +25,7 @@ from mcit.data.cards import DataCard, load_card
 from mcit.data.collate import MIB, PixelCache
 from mcit.data.images import probe_image
 from mcit.data.validate import filter_valid, validate_card
-from mcit.errors import CheckpointError, DataError
+from mcit.errors import CheckpointError, DataError, RecipeError
 from mcit.methods.base import Checkpoint, Method, RunContext, TaskData, build_method
 from mcit.models.loading import load_base
 from mcit.models.vision_cache import VisionFeatureCache
@@ -216,6 +216,9 @@ class _Held:
     recipe_text: str = ""
     stage: int = -1
     names: list[str] = field(default_factory=list)
+    run_recipe: Recipe | None = None
+    """Set when the held model is the run's bare base model (stage -1): its method is attached on the first advance."""
+    run_method: Method | None = None
 
 
 class CheckpointLoader:
@@ -238,7 +241,9 @@ class CheckpointLoader:
         self.advances = 0
         """Checkpoints loaded onto the held model."""
 
-    def load(self, checkpoint: str, recipe: Recipe | None = None) -> Loaded:
+    def load(self, checkpoint: str, recipe: Recipe | None = None, run_dir: Path | None = None) -> Loaded:
+        """`run_dir`: `checkpoint` is the base model of that run (its base row), loaded with `recipe`, the run's own
+        recipe.yaml: the run's stages that follow may then be loaded onto it."""
         path = Path(checkpoint).expanduser()
         stage = self._next_stage(path)
         if stage is not None:
@@ -256,12 +261,28 @@ class CheckpointLoader:
             run = RunFolder.of_stage(path)
             held = _Held(loaded, run.root, run.recipe.read_text(encoding="utf-8"), _stage_number(path) - 1,
                          _run_task_names(path))
+        elif run_dir is not None and not has_stage_state(path) and not (path / "adapter_config.json").is_file():
+            held = self._base_of_run(loaded, RunFolder(Path(run_dir))) or held
         self._held = held
         return loaded
 
     def release(self) -> None:
         """Drop the held model (its memory is freed once the caller's references are gone too)."""
         self._held = None
+
+    @staticmethod
+    def _base_of_run(loaded: Loaded, run: RunFolder) -> _Held | None:
+        """The held base model as stage -1 of `run`, when the run's stages can start from it: its method advances in
+        place and the model was built with the run's own model settings (anything else is rebuilt per stage)."""
+        try:
+            run_recipe = load_recipe(run.recipe)
+            names = run.task_names()
+        except (OSError, RecipeError):
+            return None
+        if run_recipe.model != loaded.recipe.model or run_recipe.method.name not in ADVANCES_IN_PLACE:
+            return None
+        return _Held(loaded, run.root, run.recipe.read_text(encoding="utf-8"), -1, names, run_recipe,
+                     build_method(run_recipe))
 
     def _next_stage(self, path: Path) -> int | None:
         """The 0-based stage of `path` when it can be loaded onto the held model, else None."""
@@ -274,12 +295,17 @@ class CheckpointLoader:
         if run.recipe.read_text(encoding="utf-8") != held.recipe_text:
             return None
         stage = _stage_number(path) - 1
-        return stage if held.stage < stage < len(held.loaded.method.schedule(len(held.names))) else None
+        method = held.run_method or held.loaded.method
+        return stage if held.stage < stage < len(method.schedule(len(held.names))) else None
 
     def _advance(self, path: Path, stage: int) -> Loaded:
         held = self._held
         assert held is not None
-        model, method = held.loaded.model, held.loaded.method
+        model, method, recipe = held.loaded.model, held.loaded.method, held.loaded.recipe
+        if held.run_recipe is not None:  # the run's base model: the method is attached as rebuild_stage attaches it
+            method, recipe = held.run_method, held.run_recipe
+            model = attach_method(method, model, held.loaded.processor, recipe, TaskData([], {}, {}))
+            held.run_recipe = held.run_method = None
         method.routing_report()  # drops the per-row caches (router features and answers) of the stage evaluated
         schedule = method.schedule(len(held.names))
         for s in range(held.stage + 1, stage + 1):
@@ -288,7 +314,7 @@ class CheckpointLoader:
         check_tokenizer_fits(model, held.loaded.processor, path)
         held.stage = stage
         self.advances += 1
-        held.loaded = Loaded(model, held.loaded.processor, method, held.loaded.recipe, advanced=True)
+        held.loaded = Loaded(model, held.loaded.processor, method, recipe, advanced=True)
         return held.loaded
 
 

@@ -7,8 +7,9 @@ cell is written atomically to `<out>/cells/` as soon as it is scored, and a re-r
 finds, so an interrupted evaluation finishes with the results.json an uninterrupted one writes (greedy decoding is
 deterministic). Retention: for a run, each stage's score minus its base model's, per task and on average.
 
-A run's stages are loaded onto one model in stage order (the base model is built once per run, not once per stage)
-and every row shares the preprocessed images (`evaluate_cells`); the cells are those of a fresh model per row.
+A run's rows are loaded onto one model in order (the base model is built once per run, for its base row, and every
+stage is loaded onto it) and every row shares the preprocessed images (`evaluate_cells`); the cells are those of a
+fresh model per row.
 """
 
 from __future__ import annotations
@@ -172,8 +173,8 @@ def evaluate_cells(items: list[CheckpointItem], resolved: list[tuple[DataCard, s
                    out: Path, timings: list[ItemTiming] | None = None) -> dict[tuple[str, str], TaskResult]:
     """Every (checkpoint, task) cell not already in `out/cells/`: scored, written as a cell and its predictions file.
 
-    What is shared between rows, because it does not depend on the weights: the model itself between consecutive
-    stages of one run (`CheckpointLoader`: one base-model build per run instead of one per stage) and the
+    What is shared between rows, because it does not depend on the weights: the model itself between a run's base
+    row and its consecutive stages (`CheckpointLoader`: one base-model build per run instead of one per row) and the
     preprocessed images (one `PixelCache` per processor configuration, so a run's T stages preprocess each test image
     once, not T times) with the frozen vision tower's features of them (`benchmark.vision_feature_cache_mb`: each
     test image goes through the tower once per run, not T times; mcit/models/vision_cache.py). Greedy decoding makes every cell the same as with a fresh model and cache. `timings` (when
@@ -199,7 +200,7 @@ def evaluate_cells(items: list[CheckpointItem], resolved: list[tuple[DataCard, s
             continue
         t0 = time.perf_counter()
         recipe = load_recipe(item.recipe_path, settings_only=True) if item.recipe_path else None
-        loaded = loader.load(item.checkpoint, recipe)
+        loaded = loader.load(item.checkpoint, recipe, run_dir=item.run_dir if item.recipe_path else None)
         model, processor, method, recipe = loaded.model, loaded.processor, loaded.method, loaded.recipe
         timing.load_seconds, timing.advanced = time.perf_counter() - t0, loaded.advanced
         t0 = time.perf_counter()

@@ -111,3 +111,44 @@ def test_suite_cells_equal_a_rebuild_per_stage_with_one_base_build(run, tmp_path
     assert len(files) == 4
     for name in files:
         assert (tmp_path / "advanced" / name).read_text() == (tmp_path / "rebuilt" / name).read_text()
+
+
+def test_a_runs_base_row_and_its_stages_share_one_build(run, tmp_path, monkeypatch, count_builds):
+    """`mcit eval SUITE --checkpoints RUN`: the base row's model becomes stage 1 (the method attached to it as a
+    rebuild attaches it to a fresh base) instead of being dropped and built again; every cell as with a build per row."""
+    from mcit.workflows.suite import expand_checkpoints
+
+    recipe = load_recipe(run / "recipe.yaml")
+    card = prepare_card(recipe)
+    resolved = [(card, task) for task in card.task_names]
+    items = expand_checkpoints([str(run)])
+    assert [i.label.split("/")[1] for i in items] == ["base", *(s.name for s in _stages(run))]
+    generation = SuiteGeneration(max_new_tokens=6, batch_size=3, constrained=True)
+    timings: list[ItemTiming] = []
+    shared = evaluate_cells(items, resolved, generation, tmp_path / "shared", timings)
+    assert len(count_builds) == 1 and [t.advanced for t in timings] == [False, True, True]
+    monkeypatch.setattr(load_module, "ADVANCES_IN_PLACE", frozenset())  # a build per row, as before
+    rebuilt = evaluate_cells(items, resolved, generation, tmp_path / "rebuilt")
+    assert len(count_builds) == 4
+    assert sorted(shared) == sorted(rebuilt) and len(shared) == 6
+    for cell, result in shared.items():
+        assert dataclasses.replace(result, seconds=0) == dataclasses.replace(rebuilt[cell], seconds=0), cell
+    # the model advanced from the base row is the rebuilt stage 1, every tensor and the method's state
+    monkeypatch.undo()
+    loader = CheckpointLoader()
+    base = loader.load(items[0].checkpoint, load_recipe(items[0].recipe_path, settings_only=True), run_dir=run)
+    assert base.method.name != recipe.method.name  # the base row has no method attached
+    one = loader.load(str(_stages(run)[0]))
+    assert one.advanced and one.method.name == recipe.method.name
+    fresh, _, fresh_method, _ = load_checkpoint(str(_stages(run)[0]))
+    advanced, rebuilt = _tensors(one.model), _tensors(fresh)
+    assert sorted(advanced) == sorted(rebuilt) and all(torch.equal(advanced[k], rebuilt[k]) for k in rebuilt)
+    assert json.dumps(one.method.state(), sort_keys=True) == json.dumps(fresh_method.state(), sort_keys=True)
+
+
+def test_a_base_row_built_with_other_model_settings_is_not_advanced(run, count_builds):
+    loader = CheckpointLoader()
+    recipe = load_recipe(run / "recipe.yaml", ["model.autocast=bf16"])  # not the settings the run's stages used
+    assert not loader.load(recipe.model.name_or_path, recipe, run_dir=run).advanced
+    assert not loader.load(str(_stages(run)[0])).advanced
+    assert loader.builds == 2
