@@ -360,6 +360,7 @@ DOC_TABLES: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
     "methods-more": ("docs/METHODS-MORE.md", "quality-methods.json",
                      ("lora_ft", "moelora", "olora", "hide", "disco", "mr_lora", "cl_moe", "modalprompt", "keeplora",
                       "smolora")),
+    "synthcit-methods": ("docs/SYNTHCIT.md", "quality-methods.json", ("joint", "disco", "hide", "hide_top", "lora_ft")),
     "two-architectures": ("docs/MODELS.md", "two-architectures.json", None),
 }
 
