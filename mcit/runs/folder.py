@@ -171,7 +171,7 @@ class RunFolder:
         current.pop("source", None)
         previous = yaml.safe_load(self.recipe.read_text(encoding="utf-8")) or {}
         try:  # a key added to the recipe schema after this run started takes its default on both sides
-            previous = recipe_from_dict(dict(previous), where=str(self.recipe)).to_dict()
+            previous = recipe_from_dict(previous, where=str(self.recipe)).to_dict()  # it copies its input
         except RecipeError:  # a file this version cannot read: compared as written, so the refusal names the keys
             pass
         previous.pop("source", None)
