@@ -124,6 +124,7 @@ class LetterRouter:
         self._choices: dict[tuple, int] = {}
         self.answers: dict[tuple[str, str], tuple[str, bool]] = {}
         """(task, id) -> (router answer, fell back) of the generations since the last `reset`."""
+        self._pixels: PixelCache | None = None
 
     # --- prompt ----------------------------------------------------------------------------------------------------
     def describe(self, tasks: Sequence[str]) -> str:
@@ -139,6 +140,13 @@ class LetterRouter:
         """The routing samples' encoder: the run's, with the router's own `max_length`."""
         return Encoder(processor, self.options.max_length or self.recipe.train.max_length,
                        pad_to_square=self.recipe.benchmark.pad_to_square)
+
+    def pixels(self, processor) -> PixelCache:
+        """The routing pass's preprocessed images (`benchmark.image_cache_mb`), kept across evaluation batches and rows
+        while the processor stays the same, so a routed test image is preprocessed once per run, not once per row."""
+        if self._pixels is None or self._pixels.processor is not processor:
+            self._pixels = PixelCache.from_recipe(processor, self.recipe)
+        return self._pixels
 
     def routing_sample(self, sample: Sample, experts: Sequence[str], expert_tasks: Mapping[str, Sequence[str]],
                        letter: str = "") -> Sample:
@@ -200,7 +208,7 @@ class LetterRouter:
         prompts = [self.routing_sample(s, experts, expert_tasks) for s in samples]
         encoder = self.encoder(processor)
         with AdapterActive(model, ROUTER):
-            return greedy_answers(model, encoder, PixelCache.from_recipe(processor, self.recipe), prompts,
+            return greedy_answers(model, encoder, self.pixels(processor), prompts,
                                   batch_size=self.recipe.eval.batch_size, max_new_tokens=self.options.max_new_tokens,
                                   autocast_dtype=self.recipe.model.autocast)
 

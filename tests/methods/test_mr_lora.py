@@ -151,6 +151,22 @@ def test_a_non_letter_router_answer_falls_back_and_is_counted(two_stages):
     assert report["routing_generations"] == 4 and report["routed_samples"] == 4
 
 
+def test_the_routing_pass_preprocesses_each_image_once_across_rows(two_stages):
+    model, method, ctx = two_stages["model"], two_stages["method"], two_stages["ctx"]
+    samples = ctx.data.test["shape"][:2] + ctx.data.test["mc-color"][:2]
+    images = {s.image for s in samples}
+    method.router.reset()
+    first = method.route(model, samples, method.trained_experts())
+    pixels = method.router.pixels(ctx.processor)
+    misses, hits = pixels.misses, pixels.hits
+    method.router.reset()  # the next evaluation row routes again
+    second = method.route(model, samples, method.trained_experts())
+    method.router.reset()
+    assert torch.equal(first, second)
+    assert pixels.misses == misses and pixels.hits - hits == len(images)  # every image from the kept cache
+    assert method.router.pixels(ctx.processor) is pixels
+
+
 def test_oracle_mode_routes_trained_tasks_without_generating(two_stages):
     model, method, ctx = two_stages["model"], two_stages["method"], two_stages["ctx"]
     samples = ctx.data.test["shape"][:2] + ctx.data.test["mc-color"][:2]
