@@ -189,7 +189,22 @@ def collect(folder: Path, method: str, seed: int, size: str, command: list[str])
             "final_superficial": results.get("final_superficial"), "final_essential": results.get("final_essential"),
             "router_accuracy": results.get("router", {}).get("accuracy"), "threads": probe.get("threads"),
             "probe": probe, "checkpoint_bytes": ckpt_bytes, "eval_seconds": eval_seconds,
-            "runner_timing": timing.get("train", {})}
+            "runner_timing": timing.get("train", {}), "layer_cka": layer_cka(folder)}
+
+
+def layer_cka(folder: Path) -> dict[str, Any] | None:
+    """The last in-run layer CKA a run wrote (HiDe: `analysis/hide-cka-stage-NN.json`, after each stage from the
+    second on): its stage, kernel, mean cross-task CKA per layer and the layers it expanded. None when there is none."""
+    files = sorted((folder / "analysis").glob("*-cka-stage-[0-9][0-9].json"))
+    if not files:
+        return None
+    from mcit.analysis.cka import CKAResult
+
+    result = CKAResult.from_json(files[-1].read_text())
+    chosen = read_json(files[-1].with_suffix(".expand.json")) or {}
+    return {"stage": int(files[-1].stem.rsplit("-", 1)[1]), "kind": result.kind,
+            "mean_cross_task": {str(k): round(v, 4) for k, v in result.mean_cross_task.items()},
+            "expand_layers": chosen.get("expand_layers")}
 
 
 # --- several bases: `python -m bench.runs quality --model ...` ------------------------------------------------------

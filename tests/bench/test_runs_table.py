@@ -25,6 +25,35 @@ def test_rows_name_their_seeds_and_average_over_them():
     assert any("KeepLoRA beats sequential LoRA" in line and "reproduces" in line for line in lines)
 
 
+def test_collect_keeps_the_last_in_run_layer_cka(tmp_path):
+    import json
+
+    import torch
+
+    from bench import runs
+    from mcit.analysis.cka import layerwise_cka
+
+    folder = tmp_path / "hide-s0"
+    (folder / "analysis").mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"tasks": ["a", "b"], "stages": ["a", "b"],
+                                                     "matrix": [[0.0, 0.0], [50.0, 0.0], [40.0, 60.0]],
+                                                     "metrics": {"MFN": 50.0}}))
+    assert runs.collect(folder, "lora_ft", 0, "tiny", [])["layer_cka"] is None  # a method that writes none
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(12, 8, generator=gen)
+    for stage, noise in ((2, 1.0), (3, 0.1)):  # the same file names and contents hide writes after each stage
+        features = {task: {layer: shared + noise * (layer + 1) * torch.randn(12, 8, generator=gen) for layer in (0, 1)}
+                    for task in ("a", "b")}
+        result = layerwise_cka(features, kind="linear")
+        (folder / "analysis" / f"hide-cka-stage-{stage:02d}.json").write_text(result.to_json())
+        (folder / "analysis" / f"hide-cka-stage-{stage:02d}.expand.json").write_text(
+            json.dumps({"expand_layers": [1] if stage == 3 else [0, 1], "probe_per_task": 12}))
+    record = runs.collect(folder, "hide", 0, "tiny", [])["layer_cka"]
+    assert record["stage"] == 3 and record["kind"] == "linear" and record["expand_layers"] == [1]
+    assert record["mean_cross_task"] == {str(k): round(v, 4) for k, v in result.mean_cross_task.items()}
+    assert record["mean_cross_task"]["0"] > record["mean_cross_task"]["1"]  # less noise, more similar
+
+
 def test_collect_only_adds_finished_runs_and_starts_none(tmp_path, monkeypatch):
     import json
 
