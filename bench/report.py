@@ -26,9 +26,13 @@ CLAIMS = [
     ("hide", "moelora", "MFN", 1, "HiDe-LLaVA beats MoELoRA"),
     ("disco", "lora_ft", "MFN", 1, "DISCO beats sequential LoRA"),
     ("reglora", "lora_ft", "essential", -1, "RegLoRA cuts essential forgetting (final % right format, wrong content)"),
+    ("reglora", "lora_ft", "constrained BWT", 1,
+     "RegLoRA cuts essential forgetting (BWT of the likelihood-ranked closed tasks, whatever the output format)"),
+    ("asd_only", "lora_ft", "superficial", -1, "ASD cuts superficial forgetting (ASD alone vs lora_ft, final % wrong format)"),
     ("sefe", "reglora", "superficial", -1, "ASD cuts superficial forgetting (SEFE vs RegLoRA, final % wrong format)"),
     ("sefe", "lora_ft", "MFN", 1, "SEFE beats sequential LoRA"),
     ("sefe", "reglora", "MFN", 1, "SEFE beats RegLoRA alone"),
+    ("sefe", "asd_only", "MFN", 1, "SEFE beats ASD alone"),
     ("mr_lora", "lora_ft", "MFN", 1, "MR-LoRA beats sequential LoRA (MLLM-CL)"),
     ("cl_moe", "lora_ft", "MFN", 1, "CL-MoE beats sequential LoRA"),
     ("cl_moe", "moelora", "MFN", 1, "CL-MoE beats MoELoRA"),
@@ -483,6 +487,8 @@ def _value(run: dict, metric: str) -> float | None:
     if metric == "essential":
         v = run.get("final_essential")
         return statistics.fmean(v) if v else None
+    if metric.startswith("constrained "):  # the same metric on the likelihood-ranked answers of the closed tasks
+        return (run.get("metrics_constrained") or {}).get(metric.removeprefix("constrained "))
     return run["metrics"].get(metric)
 
 

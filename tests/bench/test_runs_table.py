@@ -25,6 +25,18 @@ def test_rows_name_their_seeds_and_average_over_them():
     assert any("KeepLoRA beats sequential LoRA" in line and "reproduces" in line for line in lines)
 
 
+def test_a_constrained_claim_reads_the_likelihood_ranked_metrics():
+    runs = []
+    for seed, (lora_bwt, reg_bwt) in enumerate([(-60.0, -50.0), (-55.0, -57.0)]):
+        for method, bwt in (("lora_ft", lora_bwt), ("reglora", reg_bwt)):
+            run = _run(method, seed, 20.0)
+            run["metrics_constrained"]["BWT"] = bwt
+            runs.append(run)
+    rows = [line for line in table({"runs": runs}) if "vs lora_ft | constrained BWT" in line]
+    assert len(rows) == 1 and "RegLoRA cuts essential forgetting" in rows[0]
+    assert "| +4.0 (+10.0 / -2.0) | tendency (not every seed) |" in rows[0]  # higher (less negative) BWT is better
+
+
 def test_collect_keeps_the_last_in_run_layer_cka(tmp_path):
     import json
 
