@@ -142,8 +142,9 @@ class LetterRouter:
                        pad_to_square=self.recipe.benchmark.pad_to_square)
 
     def pixels(self, processor) -> PixelCache:
-        """The routing pass's preprocessed images (`benchmark.image_cache_mb`), kept across evaluation batches and rows
-        while the processor stays the same, so a routed test image is preprocessed once per run, not once per row."""
+        """The router's preprocessed images (`benchmark.image_cache_mb`), kept across evaluation batches and rows
+        while the processor stays the same (and across router trainings), so a routed test image is preprocessed once
+        per run, not once per row."""
         if self._pixels is None or self._pixels.processor is not processor:
             self._pixels = PixelCache.from_recipe(processor, self.recipe)
         return self._pixels
@@ -359,7 +360,7 @@ class MRLoRA(ExpertMethod):
         experts = self.trained_experts()
         samples = self.router.training_samples(data, experts, self.expert_tasks)
         encoder = self.router.encoder(self.ctx.processor)
-        pixels = PixelCache.from_recipe(self.ctx.processor, self.recipe)
+        pixels = self.router.pixels(self.ctx.processor)  # the replayed images stay cached across stages
         encoded = []
         for i, s in enumerate(samples):
             need = len(encoder.prompt_ids(s)) + 2  # the letter and EOS
